@@ -1,0 +1,29 @@
+# `make run` and `make test` are all a fresh clone needs: the venv is created on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: venv run test test-all clean
+
+venv: $(INSTALLED)
+
+$(INSTALLED): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	touch $(INSTALLED)
+
+# The built-in demo: generated model and data, three runs in a row on the DirectRunner.
+run: $(INSTALLED)
+	$(BIN)/seqcarry demo
+
+# The default suite (tests marked `slow` are left out; `make test-all` runs them too).
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+test-all: $(INSTALLED)
+	$(BIN)/python -m pytest -m ''
+
+clean:
+	rm -rf build .pytest_cache

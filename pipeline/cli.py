@@ -1,0 +1,108 @@
+"""The ``seqcarry`` command line (also ``python -m pipeline``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Sequence
+
+from pipeline import storage
+from pipeline.options import InputError, RunConfig, add_run_arguments
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
+
+RUN_EPILOG = """\
+Any other --flag is a Beam pipeline option and is passed to Beam, for example:
+  --runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2
+
+example:
+  seqcarry run --model model.keras --chunks 'incoming/*.parquet' \\
+      --state state/ --outputs outputs/ --run-id 2026-11-25
+"""
+
+EXIT_CODES = f"""\
+exit codes: {EXIT_OK} ok, {EXIT_BAD_INPUT} bad input (model, chunk files, options),
+            {EXIT_STORAGE} storage error, {EXIT_STATE_CONFLICT} state conflict (state moved, run id taken)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqcarry",
+        description="Run LSTM models over chunked sequences with Apache Beam, carrying each "
+                    "sequence's recurrent state across bundles, workers and runs.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback when a command fails")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="apply new chunks to the carried state and commit a new snapshot",
+        description="Read new chunks, continue each sequence from its carried state, write "
+                    "per-step outputs and commit a new state snapshot.",
+        epilog=RUN_EPILOG + "\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(run)
+
+    demo = commands.add_parser(
+        "demo", help="generate a model and data, run three times, check against Keras",
+        description="The built-in demo (what `make run` runs): a generated 2-layer LSTM "
+                    "model and a few hundred sequences spread over three runs on the "
+                    "DirectRunner, checked against Keras on each whole sequence.",
+        epilog="Any other --flag is passed to Beam.\n\nexample:\n  seqcarry demo --workdir "
+               "/tmp/seqcarry-demo --direct_running_mode=multi_processing "
+               "--direct_num_workers=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--workdir", default="build/demo",
+                      help="where the demo writes everything (emptied first; default "
+                           "build/demo)")
+    demo.add_argument("--sequences", type=int, default=300, help="how many sequences")
+    return parser
+
+
+def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
+    """The exit code and the seqcarry error found in ``error``'s cause chain.
+
+    Runners wrap what a DoFn raised; None means no seqcarry error is behind it (a bug).
+    """
+    from schemas import ContractError
+    from transforms.model import ModelError
+
+    codes = ((storage.StateConflictError, EXIT_STATE_CONFLICT),
+             (storage.StorageError, EXIT_STORAGE),
+             ((InputError, ContractError, ModelError), EXIT_BAD_INPUT))
+    while error is not None:
+        for kinds, code in codes:
+            if isinstance(error, kinds):
+                return code, error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    arguments, beam_args = _parser().parse_known_args(argv)
+    try:
+        if arguments.command == "run":
+            from pipeline.build import run_job
+
+            options = {k: v for k, v in vars(arguments).items() if k not in ("command", "debug")}
+            report = run_job(RunConfig(**options), beam_args)
+            print(json.dumps(report, indent=2))
+        elif arguments.command == "demo":
+            from pipeline.demo import run_demo
+
+            worst = run_demo(arguments.workdir, arguments.sequences, beam_args=beam_args)
+            if worst > 1e-4:
+                print(f"seqcarry: error: the demo differs from Keras by {worst:.3g}",
+                      file=sys.stderr)
+                return 1
+        return EXIT_OK
+    except Exception as error:  # one clear line for people; --debug for the traceback
+        known = _classify(error)
+        if arguments.debug or known is None:
+            traceback.print_exc()
+        print(f"seqcarry: error: {known[1] if known else error}", file=sys.stderr)
+        return known[0] if known else 1

@@ -1,0 +1,43 @@
+"""seqcarry's own options. Light on purpose: no Beam or TensorFlow import, so
+``seqcarry --help`` answers at once."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+class InputError(ValueError):
+    """The run's inputs cannot be used as given (no files, wrong model for the state...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What one run reads and writes (the ``seqcarry run`` options)."""
+    model: str
+    chunks: str
+    state: str
+    outputs: str
+    run_id: str | None = None
+    batch_size: int = 256
+    window_steps: int = 256
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """seqcarry's own ``run`` options (everything else is passed to Beam)."""
+    parser.add_argument("--model", required=True,
+                        help="model file: a Keras 3 .keras file of stacked "
+                             "LSTM(return_sequences=True) layers, optionally followed by Dense")
+    parser.add_argument("--chunks", required=True,
+                        help="input chunk Parquet files: a file, a directory or a glob "
+                             "(quote it so the shell does not expand it)")
+    parser.add_argument("--state", required=True,
+                        help="state directory: CURRENT, snapshots/ and runs/ live here; "
+                             "created on the first run")
+    parser.add_argument("--outputs", required=True,
+                        help="directory for per-step outputs, written under <outputs>/<run_id>/")
+    parser.add_argument("--run-id", dest="run_id", default=None,
+                        help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=256,
+                        help="sequences run together in one batched computation (default 256)")
+    parser.add_argument("--window-steps", dest="window_steps", type=int, default=256,
+                        help="time steps per compiled call; bounds memory (default 256)")

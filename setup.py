@@ -1,0 +1,33 @@
+"""seqcarry: chunked LSTM inference with carried state, on Apache Beam and TensorFlow.
+
+This file is also what Beam's ``--setup_file ./setup.py`` stages to Dataflow/Flink
+workers, so it must install from an sdist with nothing else of the repository present.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="seqcarry",
+    version="0.1.0",
+    description=(
+        "Run LSTM models over very long, chunked sequences in Apache Beam, "
+        "carrying each sequence's recurrent state across bundles, workers and runs."
+    ),
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms",
+                                    "transforms.*", "schemas", "schemas.*"]),
+    install_requires=[
+        "apache-beam>=2.60,<3",
+        "pyarrow>=14,<26",  # Beam caps pyarrow below 26
+        "numpy>=1.24",
+        "fsspec>=2024.2",
+        "keras>=3.0",
+    ],
+    extras_require={
+        # TensorFlow comes as an extra so a worker image can choose its build:
+        # `.[cpu]` (tensorflow-cpu, what the Makefile installs) or `.[gpu]`.
+        "cpu": ["tensorflow-cpu>=2.16,<3"],
+        "gpu": ["tensorflow>=2.16,<3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["seqcarry=pipeline.cli:main"]},
+)

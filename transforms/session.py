@@ -1,0 +1,57 @@
+"""A model loaded once per worker process, and the per-bundle sessions that run it.
+
+:class:`LoadedModel` is what Beam's ``Shared`` holds: the model description and its
+compiled :class:`~transforms.kernel.StepKernel`, shared by every DoFn instance and
+thread of a process. A bundle opens a :class:`StepSession` on it in ``start_bundle``
+and closes it in ``finish_bundle``; the session runs the bundle's batches and keeps
+the bundle's tallies, which it reports as Beam metrics when closed.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from apache_beam.metrics import Metrics
+
+from transforms.kernel import StepKernel
+from transforms.model import RecurrentStack, load_model
+from transforms.sequencing import BatchResult, SequenceWork, run_batch
+
+METRICS_NAMESPACE = "seqcarry"
+
+
+class LoadedModel:
+    """A model and its compiled kernel, loaded once per process."""
+
+    def __init__(self, model_path: str, window_steps: int):
+        started = time.perf_counter()
+        self.stack: RecurrentStack = load_model(model_path)
+        self.kernel = StepKernel(self.stack, window_steps)
+        self.load_seconds = time.perf_counter() - started
+        Metrics.distribution(METRICS_NAMESPACE, "model_load_ms").update(
+            int(self.load_seconds * 1000))
+
+    def open_session(self) -> "StepSession":
+        return StepSession(self.kernel)
+
+
+class StepSession:
+    """One bundle's use of the shared kernel."""
+
+    def __init__(self, kernel: StepKernel):
+        self._kernel = kernel
+        self.batches = 0
+        self.steps = 0
+        self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_compute_ms")
+
+    def run(self, works: Sequence[SequenceWork]) -> BatchResult:
+        started = time.perf_counter()
+        result = run_batch(self._kernel, works)
+        self._latency.update(int((time.perf_counter() - started) * 1000))
+        self.batches += 1
+        self.steps += result.steps
+        return result
+
+    def close(self) -> None:
+        Metrics.counter(METRICS_NAMESPACE, "batches").inc(self.batches)
+        Metrics.counter(METRICS_NAMESPACE, "steps_processed").inc(self.steps)
