@@ -1,0 +1,77 @@
+"""The ``seqcarry`` command through its real entry points, in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from pipeline.demo import make_model, write_chunk_files
+from schemas import Chunk
+
+SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
+
+
+def seqcarry(*args, entry=(SEQCARRY,)):
+    return subprocess.run([*entry, *args], capture_output=True, text=True, timeout=600)
+
+
+def error_line(result):
+    """The error people read: stderr's last line (TensorFlow may print start-up lines first)."""
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_help_explains_commands_options_and_exit_codes():
+    top = seqcarry("--help", entry=(sys.executable, "-m", "pipeline"))
+    assert top.returncode == 0
+    assert "run" in top.stdout and "demo" in top.stdout and "exit codes" in top.stdout
+    run = seqcarry("run", "--help")
+    assert run.returncode == 0
+    for option in ("--model", "--chunks", "--state", "--outputs", "--run-id",
+                   "--direct_num_workers=2", "example:"):
+        assert option in run.stdout
+
+
+def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
+    model = make_model(str(tmp_path / "m.keras"), 3, (4,), 2)
+    chunks = tmp_path / "chunks"
+    write_chunk_files(str(chunks), [Chunk("a", 0, np.ones((5, 3), np.float32))], files=1,
+                      rng=np.random.default_rng(0))
+    common = ["--model", model, "--state", str(tmp_path / "state"),
+              "--outputs", str(tmp_path / "out")]
+
+    ok = seqcarry("run", *common, "--chunks", str(chunks), "--run-id", "r1")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert (report["run_id"], report["chunks_processed"], report["steps_processed"]) == \
+        ("r1", 1, 5)
+    assert json.load(open(tmp_path / "state" / "runs" / "r1" / "report.json")) == report
+
+    conflict = seqcarry("run", *common, "--chunks", str(chunks), "--run-id", "r1")
+    assert conflict.returncode == 4
+    assert error_line(conflict) == (
+        f"seqcarry: error: run id r1 is already used under {tmp_path / 'state'}; "
+        "pass a new --run-id")
+
+    missing = seqcarry("run", *common, "--chunks", str(tmp_path / "nothing" / "*.parquet"))
+    assert missing.returncode == 2
+    assert error_line(missing).startswith("seqcarry: error: no Parquet files match --chunks")
+    assert "Traceback" not in missing.stderr
+
+    bad_model = seqcarry("run", *common[2:], "--model", str(tmp_path / "nope.keras"),
+                         "--chunks", str(chunks))
+    assert bad_model.returncode == 2
+    assert error_line(bad_model) == \
+        f"seqcarry: error: model file {tmp_path / 'nope.keras'} does not exist"
+
+    debug = seqcarry("--debug", "run", *common, "--chunks", str(tmp_path / "x" / "*.parquet"))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_demo_runs_three_times_and_checks_against_keras(tmp_path):
+    demo = seqcarry("demo", "--sequences", "12", "--workdir", str(tmp_path / "demo"))
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.count("chunks_processed") == 3
+    line = next(l for l in demo.stdout.splitlines()
+                if l.startswith("max abs diff vs whole sequence"))
+    assert float(line.split("outputs ")[1].split(",")[0]) < 1e-5

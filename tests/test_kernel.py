@@ -1,0 +1,91 @@
+"""The batched masked kernel against the independent float64 numpy LSTM."""
+import numpy as np
+import pytest
+
+from tests.oracle import numpy_lstm
+from transforms.kernel import StepKernel
+from transforms.model import DenseLayer, LSTMLayer, RecurrentStack
+
+INPUT_DIM = 5
+
+
+def random_stack(rng, units=(7, 6), output_dim=3):
+    layers, width = [], INPUT_DIM
+    for u in units:
+        layers.append(LSTMLayer(rng.normal(0, 0.5, (width, 4 * u)).astype(np.float32),
+                                rng.normal(0, 0.5, (u, 4 * u)).astype(np.float32),
+                                rng.normal(0, 0.3, 4 * u).astype(np.float32)))
+        width = u
+    head = (DenseLayer(rng.normal(0, 0.5, (width, output_dim)).astype(np.float32),
+                       rng.normal(0, 0.3, output_dim).astype(np.float32)),) if output_dim else ()
+    return RecurrentStack(tuple(layers), head, source="test")
+
+
+def oracle_weights(stack):
+    return ([(l.kernel, l.recurrent_kernel, l.bias) for l in stack.recurrent],
+            [(d.kernel, d.bias) for d in stack.head])
+
+
+@pytest.mark.parametrize("window_steps", [1, 4, 1000])
+def test_ragged_masked_batch_matches_numpy_for_every_row(window_steps):
+    rng = np.random.default_rng(1)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=window_steps)
+    lengths = np.array([1, 13, 7, 0, 2, 13])
+    # Padding is noise, not zeros: only masking can keep it out of the state.
+    inputs = rng.normal(size=(len(lengths), 13, INPUT_DIM)).astype(np.float32)
+    initial = [rng.normal(0, 0.5, (len(lengths), size)).astype(np.float32)
+               for size in stack.state_sizes]
+
+    outputs, final = kernel.run(inputs, lengths, initial)
+
+    layers, head = oracle_weights(stack)
+    for row, length in enumerate(lengths):
+        start = [(initial[2 * k][row], initial[2 * k + 1][row]) for k in range(len(layers))]
+        expected, expected_states = numpy_lstm(inputs[row, :length], layers, head, start)
+        np.testing.assert_allclose(outputs[row, :length], expected, atol=1e-5)
+        for k, (h, c) in enumerate(expected_states):
+            np.testing.assert_allclose(final[2 * k][row], h, atol=1e-5)
+            np.testing.assert_allclose(final[2 * k + 1][row], c, atol=1e-5)
+    # A row with no real step keeps its state bit for bit.
+    for part, start in zip(final, initial):
+        np.testing.assert_array_equal(part[3], start[3])
+
+
+def test_without_head_outputs_are_last_layer_h():
+    rng = np.random.default_rng(2)
+    stack = random_stack(rng, units=(4,), output_dim=None)
+    inputs = rng.normal(size=(2, 6, INPUT_DIM)).astype(np.float32)
+    outputs, final = StepKernel(stack).run(inputs, np.array([6, 6]),
+                                           [np.zeros((2, 4), np.float32)] * 2)
+    expected, _ = numpy_lstm(inputs[1], *oracle_weights(stack))
+    np.testing.assert_allclose(outputs[1], expected, atol=1e-5)
+    np.testing.assert_allclose(final[0][1], expected[-1], atol=1e-5)
+
+
+def test_state_carried_between_calls_equals_one_whole_call():
+    rng = np.random.default_rng(3)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=8)
+    inputs = rng.normal(size=(3, 30, INPUT_DIM)).astype(np.float32)
+    lengths = np.array([30, 30, 30])
+    zeros = [np.zeros((3, size), np.float32) for size in stack.state_sizes]
+    whole, whole_state = kernel.run(inputs, lengths, zeros)
+    states, pieces = zeros, []
+    for start, stop in [(0, 1), (1, 12), (12, 13), (13, 30)]:
+        piece, states = kernel.run(inputs[:, start:stop], np.full(3, stop - start), states)
+        pieces.append(piece)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-6)
+    for got, want in zip(states, whole_state):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_traced_once_whatever_the_batch_and_window_shapes():
+    rng = np.random.default_rng(4)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=16)
+    for batch, steps in [(1, 1), (5, 3), (17, 40), (2, 16)]:
+        kernel.run(rng.normal(size=(batch, steps, INPUT_DIM)).astype(np.float32),
+                   np.full(batch, steps),
+                   [np.zeros((batch, size), np.float32) for size in stack.state_sizes])
+    assert kernel.traces == 1

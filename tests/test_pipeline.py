@@ -1,0 +1,185 @@
+"""End to end: several chunked, shuffled runs of the real Beam pipeline equal Keras on
+each whole sequence, on the in-process and the multi-process DirectRunner."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import results, storage
+from pipeline.build import run_job
+from pipeline.demo import (cut_into_chunks, make_model, make_sequences, spread_over_runs,
+                           write_chunk_files)
+from pipeline.options import InputError, RunConfig
+from schemas import Chunk, ContractError, states_from_table
+from transforms.model import ModelError
+from transforms.reference import keras_whole_sequence
+
+RUNS = 3
+IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+               "--direct_num_workers=2"]
+# The sequence that starts in run 1, sits out run 2 and continues in run 3.
+RESUMED = "resumed-after-a-missed-run"
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    """A model, whole sequences, and each run's chunk directory."""
+    root = tmp_path_factory.mktemp("workload")
+    rng = np.random.default_rng(42)
+    model = make_model(str(root / "model.keras"), input_dim=3, units=(8, 6), output_dim=2,
+                       seed=7)
+    whole = make_sequences(rng, 36, input_dim=3, max_steps=300)
+    whole["one-step"] = rng.normal(size=(1, 3)).astype(np.float32)
+    whole[RESUMED] = rng.normal(size=(40, 3)).astype(np.float32)
+    per_run = [[] for _ in range(RUNS)]
+    for number, (sequence_id, features) in enumerate(sorted(whole.items())):
+        # Chunk sizes: all ones for some sequences, ragged up to 60 steps for others.
+        chunks = cut_into_chunks(rng, sequence_id, features, max_chunk=[1, 3, 17, 60][number % 4])
+        if sequence_id == RESUMED:
+            parts = [chunks[:3], [], chunks[3:]]
+        else:
+            parts = spread_over_runs(rng, chunks, RUNS)
+        for run, part in enumerate(parts):
+            per_run[run].extend(part)
+    directories = []
+    for run, chunks in enumerate(per_run):
+        directory = str(root / f"run-{run + 1}")
+        write_chunk_files(directory, chunks, files=3, rng=rng)
+        directories.append(directory)
+    assert any(c.steps == 1 for run in per_run for c in run)
+    return model, whole, directories, sum(map(len, per_run))
+
+
+def run_all(workload, tmp_path, beam_args):
+    model, _, directories, _ = workload
+    state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
+    reports = [run_job(RunConfig(model=model, chunks=directory, state=state, outputs=outputs,
+                                 run_id=f"run-{number + 1}", batch_size=4, window_steps=16),
+                       beam_args)
+               for number, directory in enumerate(directories)]
+    return state, reports
+
+
+def assert_equals_whole_sequence_model(workload, state):
+    model, whole, _, _ = workload
+    reference = keras_whole_sequence(model)
+    produced, carried = results.committed_outputs(state), results.committed_states(state)
+    assert sorted(produced) == sorted(carried) == sorted(whole)
+    worst = 0.0
+    for sequence_id, features in whole.items():
+        expected_outputs, expected_states = reference(features)
+        assert produced[sequence_id].shape == expected_outputs.shape
+        np.testing.assert_allclose(produced[sequence_id], expected_outputs, atol=1e-5)
+        final = carried[sequence_id]
+        assert final.steps_seen == len(features)
+        for got, want in zip(final.tensors, expected_states):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        worst = max([worst, float(np.abs(produced[sequence_id] - expected_outputs).max())]
+                    + [float(np.abs(g - w).max()) for g, w in zip(final.tensors, expected_states)])
+    return worst
+
+
+@pytest.mark.parametrize("beam_args", [IN_PROCESS, TWO_WORKERS],
+                         ids=["in-process", "two-worker-processes"])
+def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, beam_args):
+    state, reports = run_all(workload, tmp_path, beam_args)
+
+    total_chunks = workload[3]
+    assert sum(r["chunks_read"] for r in reports) == total_chunks
+    assert sum(r["chunks_processed"] for r in reports) == total_chunks
+    assert all(r["chunks_held_out"] == 0 for r in reports)
+    assert [r["parent"] for r in reports] == [None, "run-1", "run-2"]
+    assert reports[-1]["sequences_live"] == len(workload[1])
+    assert sum(r["steps_processed"] for r in reports) == sum(map(len, workload[1].values()))
+    worst = assert_equals_whole_sequence_model(workload, state)
+    print(f"max abs diff vs whole sequence ({beam_args[-1]}): {worst:.3g}")
+
+
+def test_sequence_absent_from_a_run_keeps_its_state_bit_for_bit(workload, tmp_path):
+    state, _ = run_all(workload, tmp_path, IN_PROCESS)
+    store = storage.StateStore(state)
+    by_run = {}
+    for manifest in store.history():
+        by_run[manifest.run_id] = {
+            s.sequence_id: s for record in manifest.state_files
+            for s in states_from_table(storage.read_table(record.path),
+                                               manifest.state_names, record.path)}
+    before, during = by_run["run-1"][RESUMED], by_run["run-2"][RESUMED]
+    assert (during.next_chunk_index, during.steps_seen) == (3, before.steps_seen)
+    for a, b in zip(before.tensors, during.tensors):
+        np.testing.assert_array_equal(a, b)
+    assert by_run["run-3"][RESUMED].steps_seen == 40
+
+
+def write_chunks(directory, chunks):
+    write_chunk_files(str(directory), chunks, files=1, rng=np.random.default_rng(0))
+    return str(directory)
+
+
+def test_out_of_order_chunks_are_held_out_and_never_touch_the_state(workload, tmp_path):
+    model = workload[0]
+    features = np.random.default_rng(3).normal(size=(9, 3)).astype(np.float32)
+    chunks = [Chunk("g", i, features[3 * i:3 * i + 3]) for i in range(3)]
+    state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
+
+    def run(name, batch):
+        return run_job(RunConfig(model, write_chunks(tmp_path / name, batch), state, outputs,
+                                 run_id=name), IN_PROCESS)
+
+    first = run("first", [chunks[0], chunks[2]])  # chunk 1 missing: 2 is held out
+    second = run("second", [chunks[1], chunks[0], chunks[1]])  # one new, two repeats
+
+    assert (first["chunks_processed"], first["chunks_held_out_by_reason"]) == (1, {"gap": 1})
+    assert second["chunks_processed"] == 1
+    assert second["chunks_held_out_by_reason"] == {"already_applied": 1, "repeated_in_run": 1}
+    expected_outputs, expected_states = keras_whole_sequence(model)(features[:6])
+    np.testing.assert_allclose(results.committed_outputs(state)["g"], expected_outputs,
+                               atol=1e-5)
+    carried = results.committed_states(state)["g"]
+    assert (carried.next_chunk_index, carried.steps_seen) == (2, 6)
+    for got, want in zip(carried.tensors, expected_states):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_failed_run_commits_nothing(workload, tmp_path):
+    model = workload[0]
+    state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
+    good = [Chunk("a", 0, np.ones((2, 3), np.float32))]
+    run_job(RunConfig(model, write_chunks(tmp_path / "good", good), state, outputs,
+                      run_id="good"), IN_PROCESS)
+    wrong_width = [Chunk("a", 1, np.ones((2, 5), np.float32))]
+    with pytest.raises(Exception) as failure:
+        run_job(RunConfig(model, write_chunks(tmp_path / "bad", wrong_width), state, outputs,
+                          run_id="bad"), IN_PROCESS)
+    assert "model needs [steps >= 1, 3]" in str(failure.value)
+    assert storage.StateStore(state).current() == "good"
+    assert not os.path.exists(storage.StateStore(state).manifest_url("bad"))
+
+
+def test_state_from_another_model_is_refused(workload, tmp_path):
+    state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
+    chunks = write_chunks(tmp_path / "c", [Chunk("a", 0, np.ones((2, 3), np.float32))])
+    run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
+    other = make_model(str(tmp_path / "other.keras"), 3, (8, 6), 2, seed=99)
+    with pytest.raises(ModelError, match="was written by model sha256:"):
+        run_job(RunConfig(other, chunks, state, outputs, run_id="two"), IN_PROCESS)
+    assert storage.StateStore(state).current() == "one"
+
+
+def test_reused_run_id_and_empty_input_are_refused(workload, tmp_path):
+    state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
+    chunks = write_chunks(tmp_path / "c", [Chunk("a", 0, np.ones((2, 3), np.float32))])
+    run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
+    with pytest.raises(storage.StateConflictError, match="run id one is already used"):
+        run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
+    with pytest.raises(InputError, match="no Parquet files match"):
+        run_job(RunConfig(workload[0], str(tmp_path / "none" / "*.parquet"), state, outputs),
+                IN_PROCESS)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"sequence_id": ["a"]}), str(bad / "x.parquet"))
+    with pytest.raises(ContractError, match="missing column"):
+        run_job(RunConfig(workload[0], str(bad), state, outputs, run_id="three"), IN_PROCESS)
