@@ -141,40 +141,45 @@ def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
                             f"{schema}: {error}") from error
 
 
-def chunks_from_table(table: pa.Table, source: str) -> list[Chunk]:
-    """Chunks from a table that follows :data:`CHUNK_SCHEMA` (extra columns ignored)."""
-    table = conform(table, CHUNK_SCHEMA, source)
-    features = matrices_from_array(table.column("features"), f"{source} column features")
-    return [Chunk(sequence_id, int(chunk_index), matrix)
+def _per_chunk_to_table(records, schema: pa.Schema) -> pa.Table:
+    """Rows of (sequence_id, chunk_index, matrix) records: chunks or outputs."""
+    matrix_column = schema.names[2]
+    return pa.Table.from_arrays(
+        [pa.array([r.sequence_id for r in records], pa.string()),
+         pa.array([r.chunk_index for r in records], pa.int64()),
+         matrix_array([getattr(r, matrix_column) for r in records])], schema=schema)
+
+
+def _per_chunk_from_table(table: pa.Table, schema: pa.Schema, record_type, source: str):
+    """Inverse of :func:`_per_chunk_to_table`, building ``record_type`` objects."""
+    table = conform(table, schema, source)
+    matrix_column = schema.names[2]
+    matrices = matrices_from_array(table.column(matrix_column),
+                                   f"{source} column {matrix_column}")
+    return [record_type(sequence_id, int(chunk_index), matrix)
             for sequence_id, chunk_index, matrix in zip(
                 table.column("sequence_id").to_pylist(),
-                table.column("chunk_index").to_pylist(), features)]
+                table.column("chunk_index").to_pylist(), matrices)]
+
+
+def chunks_from_table(table: pa.Table, source: str) -> list[Chunk]:
+    """Chunks from a table that follows :data:`CHUNK_SCHEMA` (extra columns ignored)."""
+    return _per_chunk_from_table(table, CHUNK_SCHEMA, Chunk, source)
 
 
 def chunks_to_table(chunks: Sequence[Chunk]) -> pa.Table:
     """Table following :data:`CHUNK_SCHEMA` (used by the demo and tests to write inputs)."""
-    return pa.Table.from_arrays(
-        [pa.array([c.sequence_id for c in chunks], pa.string()),
-         pa.array([c.chunk_index for c in chunks], pa.int64()),
-         matrix_array([c.features for c in chunks])], schema=CHUNK_SCHEMA)
+    return _per_chunk_to_table(chunks, CHUNK_SCHEMA)
 
 
 def outputs_to_table(outputs: Sequence[ChunkOutput]) -> pa.Table:
     """Table following :data:`OUTPUT_SCHEMA`."""
-    return pa.Table.from_arrays(
-        [pa.array([o.sequence_id for o in outputs], pa.string()),
-         pa.array([o.chunk_index for o in outputs], pa.int64()),
-         matrix_array([o.outputs for o in outputs])], schema=OUTPUT_SCHEMA)
+    return _per_chunk_to_table(outputs, OUTPUT_SCHEMA)
 
 
 def outputs_from_table(table: pa.Table, source: str) -> list[ChunkOutput]:
     """Inverse of :func:`outputs_to_table`."""
-    table = conform(table, OUTPUT_SCHEMA, source)
-    matrices = matrices_from_array(table.column("outputs"), f"{source} column outputs")
-    return [ChunkOutput(sequence_id, int(chunk_index), matrix)
-            for sequence_id, chunk_index, matrix in zip(
-                table.column("sequence_id").to_pylist(),
-                table.column("chunk_index").to_pylist(), matrices)]
+    return _per_chunk_from_table(table, OUTPUT_SCHEMA, ChunkOutput, source)
 
 
 def states_to_table(states: Sequence[CarriedState], state_names: Sequence[str]) -> pa.Table:
