@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import re
 import time
 from typing import Sequence
@@ -31,6 +32,7 @@ class RunPlan:
     """A run's inputs, fixed before the pipeline is built."""
     config: RunConfig
     run_id: str
+    parent_pointer: storage.Pointer | None  # CURRENT as read: the commit swaps from it
     parent: storage.Manifest | None
     stack: RecurrentStack
     chunk_files: tuple[str, ...]
@@ -48,9 +50,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     if not _RUN_ID.match(run_id):
         raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
                          "(at most 128, starting with a letter or digit)")
-    store.check_new_run(run_id)
-    current = store.current()
-    parent = store.manifest(current) if current else None
+    pointer = store.current()
+    parent = store.manifest(pointer.run_id, pointer.manifest_sha256) if pointer else None
     if parent and parent.model_fingerprint != stack.fingerprint:
         raise ModelError(
             f"the state in {config.state} was written by model {parent.model_fingerprint}, "
@@ -61,7 +62,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     input_rows = sum(storage.parquet_rows(url) for url in chunk_files)
     live = parent.sequences if parent else 0
     shards = max(1, -(-(live + input_rows) // ROWS_PER_STATE_FILE))
-    return RunPlan(config, run_id, parent, stack, tuple(chunk_files), shards)
+    store.prepare_run(run_id, config.outputs)
+    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), shards)
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
@@ -75,8 +77,7 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
             LEDGER, main="chunks"))
     states = (
         pipeline
-        | "StateFiles" >> beam.Create([r.path for r in plan.parent.state_files]
-                                      if plan.parent else [])
+        | "StateFiles" >> beam.Create(plan.parent.state_files if plan.parent else [])
         | "SpreadStateFiles" >> beam.Reshuffle()
         | "ReadStates" >> beam.ParDo(ReadStateFile(stack.state_names)))
     applied = {"chunks": chunks.chunks, "states": states} | "ApplyChunks" >> ApplyChunks(
@@ -105,21 +106,36 @@ def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
     """Run once: read, compute, write, commit. Returns the run report."""
     started = time.perf_counter()
     plan = plan_run(config)
+    manifest = execute(plan, beam_args)
+    return commit(plan, manifest, time.perf_counter() - started)
+
+
+def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> storage.Manifest:
+    """Run the pipeline; returns the manifest it wrote (not yet committed)."""
     pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
     build(pipeline, plan)
     pipeline.run().wait_until_finish()
+    return storage.StateStore(plan.config.state).manifest(plan.run_id)
 
-    store = storage.StateStore(config.state)
-    manifest = store.manifest(plan.run_id)
+
+def commit(plan: RunPlan, manifest: storage.Manifest, seconds: float) -> dict:
+    """Check the run's accounts, move CURRENT to its snapshot, write its report."""
+    store = storage.StateStore(plan.config.state)
     counts = manifest.counts
     accounted = counts.get("chunks_processed", 0) + counts.get("chunks_held_out", 0)
     if counts.get("chunks_read", 0) != accounted:
         raise storage.StorageError(
             f"run {plan.run_id} read {counts.get('chunks_read', 0)} chunks but accounted for "
             f"{accounted}; nothing was committed")
-    store.commit(plan.run_id, plan.parent.run_id if plan.parent else None)
-    report = make_report(manifest, config, time.perf_counter() - started)
+    manifest_sha256 = hashlib.sha256(
+        storage.read_bytes(store.manifest_url(plan.run_id))).hexdigest()
+    storage.fault_point("before_commit")
+    store.commit(plan.run_id, manifest_sha256, plan.parent_pointer)
+    storage.fault_point("after_commit")
+    report = make_report(manifest, plan.config, seconds)
     store.write_report(plan.run_id, report)
+    if plan.config.keep:
+        report["snapshots_removed"] = store.prune(plan.config.keep)
     return report
 
 

@@ -46,6 +46,36 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(run)
 
+    snapshots = commands.add_parser(
+        "snapshots", help="list the committed snapshots, newest first",
+        description="List the committed snapshots of a state directory, newest first, "
+                    "following parents from CURRENT (marked with *).",
+        epilog="example:\n  seqcarry snapshots --state gs://my-bucket/seqcarry/state",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    snapshots.add_argument("--state", required=True, help="state directory or URL")
+
+    verify = commands.add_parser(
+        "verify", help="check a snapshot's files against its manifest, running nothing",
+        description="Check every file of a snapshot (default: the committed one) against "
+                    "its manifest: present, same sha256 and row count, readable. Exit code "
+                    f"{EXIT_STORAGE} names the first damaged file.",
+        epilog="example:\n  seqcarry verify --state state/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("--state", required=True, help="state directory or URL")
+    verify.add_argument("--run-id", dest="run_id", default=None,
+                        help="snapshot to check (default: the committed one)")
+
+    rollback = commands.add_parser(
+        "rollback", help="make an earlier committed snapshot the current one",
+        description="Point CURRENT back at an earlier committed snapshot (after verifying "
+                    "it). Later runs continue from there; the snapshots rolled back stay "
+                    "on disk until --keep removes them.",
+        epilog="example:\n  seqcarry rollback --state state/ --to 2026-11-24",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rollback.add_argument("--state", required=True, help="state directory or URL")
+    rollback.add_argument("--to", required=True, dest="to", metavar="RUN_ID",
+                          help="run id of the snapshot to go back to")
+
     demo = commands.add_parser(
         "demo", help="generate a model and data, run three times, check against Keras",
         description="The built-in demo (what `make run` runs): a generated 2-layer LSTM "
@@ -60,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
                            "build/demo)")
     demo.add_argument("--sequences", type=int, default=300, help="how many sequences")
     return parser
+
+
+def _snapshots_table(store: storage.StateStore) -> str:
+    history = store.history()
+    if not history:
+        return f"{store.url} has no committed snapshot"
+    rows = [("", "run_id", "created_at", "sequences", "parent", "chunks_processed")]
+    rows += [("*" if number == 0 else "", m.run_id, m.created_at, str(m.sequences),
+              m.parent or "-", str(m.counts.get("chunks_processed", 0)))
+             for number, m in enumerate(history)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
 
 
 def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
@@ -91,6 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = {k: v for k, v in vars(arguments).items() if k not in ("command", "debug")}
             report = run_job(RunConfig(**options), beam_args)
             print(json.dumps(report, indent=2))
+        elif arguments.command == "snapshots":
+            print(_snapshots_table(storage.StateStore(arguments.state)))
+        elif arguments.command == "verify":
+            manifest = storage.StateStore(arguments.state).verify(arguments.run_id)
+            print(f"ok: snapshot {manifest.run_id}: {len(manifest.state_files)} files, "
+                  f"{manifest.sequences} sequences, checksums and row counts match")
+        elif arguments.command == "rollback":
+            store = storage.StateStore(arguments.state)
+            before = store.current()
+            store.rollback(arguments.to)
+            print(f"CURRENT moved from {before.run_id} to {arguments.to}")
         elif arguments.command == "demo":
             from pipeline.demo import run_demo
 

@@ -20,6 +20,7 @@ class RunConfig:
     run_id: str | None = None
     batch_size: int = 256
     window_steps: int = 256
+    keep: int | None = None
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,3 +42,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences run together in one batched computation (default 256)")
     parser.add_argument("--window-steps", dest="window_steps", type=int, default=256,
                         help="time steps per compiled call; bounds memory (default 256)")
+    parser.add_argument("--keep", type=int, default=None, metavar="N",
+                        help="after committing, delete all but the N newest committed "
+                             "snapshots (default: keep all)")

@@ -14,7 +14,7 @@ def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
     chunks = collections.defaultdict(dict)
     for manifest in storage.StateStore(state_url).history():
         for record in manifest.output_files:
-            for output in outputs_from_table(storage.read_table(record.path), record.path):
+            for output in outputs_from_table(storage.read_table(record.path, record), record.path):
                 chunks[output.sequence_id][output.chunk_index] = output.outputs
     return {sequence_id: np.concatenate([by_index[i] for i in sorted(by_index)])
             for sequence_id, by_index in chunks.items()}
@@ -28,5 +28,5 @@ def committed_states(state_url: str) -> dict[str, CarriedState]:
     manifest = history[0]
     return {state.sequence_id: state
             for record in manifest.state_files
-            for state in states_from_table(storage.read_table(record.path),
+            for state in states_from_table(storage.read_table(record.path, record),
                                            manifest.state_names, record.path)}

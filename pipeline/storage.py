@@ -1,36 +1,48 @@
-"""All storage access and the commit protocol, through fsspec.
+"""All storage access and the commit protocol, through fsspec (local paths, ``gs://``
+through gcsfs, and other fsspec URLs).
 
 Layout under ``--state``::
 
-    CURRENT                              name of the committed snapshot (written last)
+    CURRENT                              the commit pointer (JSON: run id, manifest sha256)
     snapshots/<run_id>/state-*.parquet   carried state, one row per live sequence
     snapshots/<run_id>/manifest.json     files (rows, sha256), parent, fingerprint, counts
     runs/<run_id>/report.json            the run report
 
 and under ``--outputs``: ``<run_id>/part-*.parquet``.
 
-A run writes only under names that belong to its own ``run_id``, so a retried bundle
-rewrites its own file instead of adding a copy, and the committed snapshot is never
-touched. Files are written whole to a temporary name and then moved into place.
-The only commit point is replacing ``CURRENT``, after the manifest is written.
+The protocol: a run writes only under names that belong to its own run id (a retried
+bundle rewrites its own file, never adds a copy), then its manifest, and only then
+swaps ``CURRENT`` from the snapshot it started from to its own, with a
+compare-and-swap: a generation precondition on ``gs://``, a lock plus atomic rename on
+local disk. ``CURRENT`` holds the manifest's sha256 and the manifest holds every
+file's, so everything a run reads from a snapshot is checked.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import io
 import json
 import os
+import signal
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+
 class StorageError(RuntimeError):
     """A file or directory cannot be read or written, or holds something unexpected."""
+
+
+class IntegrityError(StorageError):
+    """A snapshot file does not match its manifest (truncated, altered or missing)."""
 
 
 class StateConflictError(RuntimeError):
@@ -64,39 +76,20 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-@dataclasses.dataclass(frozen=True)
-class FileRecord:
-    """A written data file: where, how many rows, and the sha256 of its bytes."""
-    path: str
-    rows: int
-    sha256: str
+def remove_tree(url: str) -> None:
+    """Delete ``url`` and everything below it, if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
-def write_table(url: str, table: pa.Table) -> FileRecord:
-    """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    data = buffer.getvalue()
-    _write_bytes(url, data)
-    return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest())
-
-
-def read_table(url: str) -> pa.Table:
+def read_bytes(url: str) -> bytes:
     fs, path = _fs(url)
     try:
         with fs.open(path, "rb") as handle:
-            return pq.read_table(handle)
+            return handle.read()
     except FileNotFoundError as error:
         raise StorageError(f"{url} does not exist") from error
-    except pa.ArrowInvalid as error:
-        raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
-
-
-def parquet_rows(url: str) -> int:
-    """Row count of a Parquet file, from its footer only."""
-    fs, path = _fs(url)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
 
 
 def _write_bytes(url: str, data: bytes) -> None:
@@ -115,20 +108,92 @@ def _write_bytes(url: str, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_json(url: str, payload: Any) -> None:
-    _write_bytes(url, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+def _json_bytes(payload: Any) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse_json(url: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IntegrityError(f"{url} is not valid JSON: {error}") from error
+
+
+def write_json(url: str, payload: Any) -> str:
+    """Write ``payload`` as JSON; returns the sha256 of the bytes written."""
+    data = _json_bytes(payload)
+    _write_bytes(url, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_json(url: str) -> Any:
-    fs, path = _fs(url)
-    try:
-        with fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError as error:
-        raise StorageError(f"{url} does not exist") from error
-    except json.JSONDecodeError as error:
-        raise StorageError(f"{url} is not valid JSON: {error}") from error
+    return _parse_json(url, read_bytes(url))
 
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    """A written data file: where, how many rows, and the sha256 of its bytes."""
+    path: str
+    rows: int
+    sha256: str
+
+
+def write_table(url: str, table: pa.Table) -> FileRecord:
+    """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue()
+    _write_bytes(url, data)
+    return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest())
+
+
+def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
+    """Read a Parquet file; with ``expected``, first check its sha256 and row count."""
+    data = read_bytes(url)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
+        raise IntegrityError(
+            f"{url} is damaged: its sha256 is {hashlib.sha256(data).hexdigest()}, the "
+            f"manifest says {expected.sha256} ({len(data)} bytes read); nothing was changed")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
+    if expected is not None and table.num_rows != expected.rows:
+        raise IntegrityError(f"{url} has {table.num_rows} rows, the manifest says "
+                             f"{expected.rows}")
+    return table
+
+
+def parquet_rows(url: str) -> int:
+    """Row count of a Parquet file, from its footer only."""
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+# --- fault points: a testing hook to prove that a run dying anywhere is harmless ----
+
+FAULT_ENV = "SEQCARRY_FAULT"
+FAULT_STAGES = ("mid_compute", "after_state_file", "after_manifest", "before_commit",
+                "after_commit")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a fault point when ``SEQCARRY_FAULT=<stage>:raise``."""
+
+
+def fault_point(stage: str) -> None:
+    """Die here if ``SEQCARRY_FAULT`` names this stage: ``<stage>`` or ``<stage>:kill``
+    sends SIGKILL to this process, ``<stage>:raise`` raises :class:`InjectedFault`."""
+    name, _, action = os.environ.get(FAULT_ENV, "").partition(":")
+    if name != stage:
+        return
+    if action == "raise":
+        raise InjectedFault(f"injected fault at {stage}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- snapshots, manifests and the commit pointer -----------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
@@ -161,24 +226,26 @@ class Manifest:
             counts=dict(payload["counts"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Pointer:
+    """What ``CURRENT`` said when read: the committed run and its manifest's sha256.
+
+    ``token`` identifies that exact version of ``CURRENT`` for the compare-and-swap
+    (the object generation on GCS, the file's bytes elsewhere).
+    """
+    run_id: str
+    manifest_sha256: str
+    token: Any = dataclasses.field(compare=False, repr=False)
+
+
 class StateStore:
     """The versioned state under one ``--state`` URL."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        self._current_url = join(self.url, "CURRENT")
 
-    @property
-    def _current_url(self) -> str:
-        return join(self.url, "CURRENT")
-
-    def current(self) -> str | None:
-        """The committed snapshot's run id, or None before the first commit."""
-        if not exists(self._current_url):
-            return None
-        fs, path = _fs(self._current_url)
-        with fs.open(path, "rb") as handle:
-            return handle.read().decode().strip() or None
-
+    # -- locations --
     def snapshot_url(self, run_id: str) -> str:
         return join(self.url, "snapshots", run_id)
 
@@ -191,38 +258,110 @@ class StateStore:
     def report_url(self, run_id: str) -> str:
         return join(self.url, "runs", run_id, "report.json")
 
-    def manifest(self, run_id: str) -> Manifest:
-        return Manifest.from_json(read_json(self.manifest_url(run_id)))
+    # -- reading --
+    def current(self) -> Pointer | None:
+        """The committed snapshot, or None before the first commit."""
+        data, token = _read_pointer(self._current_url)
+        if data is None:
+            return None
+        payload = _parse_json(self._current_url, data)
+        return Pointer(payload["run_id"], payload["manifest_sha256"], token)
+
+    def manifest(self, run_id: str, sha256: str | None = None) -> Manifest:
+        """A snapshot's manifest; with ``sha256``, checked against it first."""
+        url = self.manifest_url(run_id)
+        data = read_bytes(url)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"{url} is damaged: its sha256 does not match the one "
+                                 f"recorded in {self._current_url}")
+        return Manifest.from_json(_parse_json(url, data))
+
+    def committed(self) -> Manifest | None:
+        """The manifest CURRENT names, checked, or None before the first commit."""
+        pointer = self.current()
+        return self.manifest(pointer.run_id, pointer.manifest_sha256) if pointer else None
 
     def history(self) -> list[Manifest]:
-        """Committed snapshots, newest first, following parents from CURRENT."""
-        manifests, run_id = [], self.current()
-        while run_id:
-            manifests.append(self.manifest(run_id))
-            run_id = manifests[-1].parent
+        """Committed snapshots, newest first, following parents from CURRENT; stops at
+        a parent removed by retention (``--keep``)."""
+        manifests = [self.committed()] if self.current() else []
+        while manifests and manifests[-1].parent and exists(
+                self.manifest_url(manifests[-1].parent)):
+            manifests.append(self.manifest(manifests[-1].parent))
         return manifests
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        write_json(self.manifest_url(manifest.run_id), manifest.to_json())
+    def verify(self, run_id: str | None = None) -> Manifest:
+        """Check a snapshot (default: the committed one) file by file: present, sha256
+        and row count as in its manifest, readable Parquet. Raises on the first fault."""
+        pointer = self.current()
+        if run_id is None:
+            if pointer is None:
+                raise StorageError(f"{self.url} has no committed snapshot")
+            run_id = pointer.run_id
+        manifest = self.manifest(
+            run_id, pointer.manifest_sha256 if pointer and pointer.run_id == run_id else None)
+        for record in manifest.state_files:
+            read_table(record.path, record)
+        return manifest
 
-    def check_new_run(self, run_id: str) -> None:
-        """Refuse a run id that is already used by a snapshot or a report."""
-        if exists(self.manifest_url(run_id)) or exists(self.report_url(run_id)):
-            raise StateConflictError(f"run id {run_id} is already used under {self.url}; "
-                                     "pass a new --run-id")
+    # -- writing --
+    def write_manifest(self, manifest: Manifest) -> str:
+        """Write the (uncommitted) manifest; returns its sha256 for the commit."""
+        return write_json(self.manifest_url(manifest.run_id), manifest.to_json())
 
-    def commit(self, run_id: str, expected_parent: str | None) -> None:
-        """Make ``run_id``'s snapshot the committed one, if CURRENT is still the parent.
+    def prepare_run(self, run_id: str, outputs_url: str) -> None:
+        """Make ``run_id`` ready to be written: refuse a committed one, and remove what
+        an earlier, uncommitted attempt with this id left behind."""
+        if exists(self.manifest_url(run_id)) and (
+                exists(self.report_url(run_id))
+                or any(m.run_id == run_id for m in self.history())):
+            raise StateConflictError(f"run id {run_id} is already committed under "
+                                     f"{self.url}; pass a new --run-id")
+        remove_tree(self.snapshot_url(run_id))
+        remove_tree(join(outputs_url, run_id))
 
-        The manifest must already be written: CURRENT never names a partial snapshot.
+    def commit(self, run_id: str, manifest_sha256: str, expected: Pointer | None) -> None:
+        """Move CURRENT from ``expected`` (what the run started from) to ``run_id``.
+
+        The manifest must already be written. If CURRENT moved meanwhile, nothing is
+        changed and :class:`StateConflictError` says from what to what.
         """
         if not exists(self.manifest_url(run_id)):
             raise StorageError(f"cannot commit {run_id}: {self.manifest_url(run_id)} is missing")
-        current = self.current()
-        if current != expected_parent:
-            raise StateConflictError(f"state moved from {expected_parent} to {current} "
-                                     f"while this run was running; {run_id} was not committed")
-        _write_bytes(self._current_url, (run_id + "\n").encode())
+        pointer = _json_bytes({
+            "run_id": run_id, "manifest_sha256": manifest_sha256,
+            "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        if not _swap_pointer(self._current_url, expected.token if expected else None, pointer):
+            now = self.current()
+            raise StateConflictError(
+                f"state moved from {expected.run_id if expected else 'empty'} to "
+                f"{now.run_id if now else 'empty'} while this run was running; "
+                f"{run_id} was not committed and the state is unchanged")
+
+    def rollback(self, run_id: str) -> Manifest:
+        """Point CURRENT at another snapshot that was committed before (an ancestor, or
+        one rolled back from), after verifying it."""
+        pointer = self.current()
+        if pointer and pointer.run_id == run_id:
+            raise StateConflictError(f"{run_id} is already the committed snapshot")
+        was_committed = exists(self.report_url(run_id)) or any(
+            m.run_id == run_id for m in self.history())
+        if not (was_committed and exists(self.manifest_url(run_id))):
+            raise StateConflictError(
+                f"{run_id} is not a committed snapshot of {self.url}; "
+                f"`seqcarry snapshots --state {self.url}` lists them")
+        manifest = self.verify(run_id)
+        sha256 = hashlib.sha256(read_bytes(self.manifest_url(run_id))).hexdigest()
+        self.commit(run_id, sha256, pointer)
+        return manifest
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete the snapshot files of committed snapshots older than the ``keep``
+        newest; returns the run ids whose snapshots were removed."""
+        removed = [m.run_id for m in self.history()[max(1, keep):]]
+        for run_id in removed:
+            remove_tree(self.snapshot_url(run_id))
+        return removed
 
     def write_report(self, run_id: str, report: dict) -> None:
         write_json(self.report_url(run_id), report)
@@ -230,3 +369,47 @@ class StateStore:
 
 def outputs_part_url(outputs: str, run_id: str, part: str) -> str:
     return join(outputs, run_id, f"part-{part}.parquet")
+
+
+# --- the compare-and-swap of CURRENT, per filesystem ----------------------------------
+
+def _read_pointer(url: str) -> tuple[bytes | None, Any]:
+    """CURRENT's bytes (None if absent) and the token that identifies this version."""
+    fs, path = _fs(url)
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None, None
+    return data, data
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive lock next to ``path``; the kernel releases it if the process dies."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _swap_pointer(url: str, token: Any, data: bytes) -> bool:
+    """Replace CURRENT with ``data`` if it is still the version ``token`` (None: absent).
+
+    Returns False, changing nothing, if it is not.
+    """
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        with _local_lock(path):
+            if _read_pointer(url)[1] != token:
+                return False
+            _write_bytes(url, data)
+            return True
+    # Other filesystems: no atomic primitive; checked, then written.
+    if _read_pointer(url)[1] != token:
+        return False
+    _write_bytes(url, data)
+    return True

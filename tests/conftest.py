@@ -2,3 +2,45 @@ import os
 
 # Quiet TensorFlow's C++ start-up logs here and in Beam's worker processes.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pipeline.demo import (cut_into_chunks, make_model, make_sequences,  # noqa: E402
+                           spread_over_runs, write_chunk_files)
+
+RUNS = 3
+IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+               "--direct_num_workers=2"]
+# The sequence that starts in run 1, sits out run 2 and continues in run 3.
+RESUMED = "resumed-after-a-missed-run"
+
+
+@pytest.fixture(scope="session")
+def workload(tmp_path_factory):
+    """A model, whole sequences, and each run's chunk directory."""
+    root = tmp_path_factory.mktemp("workload")
+    rng = np.random.default_rng(42)
+    model = make_model(str(root / "model.keras"), input_dim=3, units=(8, 6), output_dim=2,
+                       seed=7)
+    whole = make_sequences(rng, 36, input_dim=3, max_steps=300)
+    whole["one-step"] = rng.normal(size=(1, 3)).astype(np.float32)
+    whole[RESUMED] = rng.normal(size=(40, 3)).astype(np.float32)
+    per_run = [[] for _ in range(RUNS)]
+    for number, (sequence_id, features) in enumerate(sorted(whole.items())):
+        # Chunk sizes: all ones for some sequences, ragged up to 60 steps for others.
+        chunks = cut_into_chunks(rng, sequence_id, features, max_chunk=[1, 3, 17, 60][number % 4])
+        if sequence_id == RESUMED:
+            parts = [chunks[:3], [], chunks[3:]]
+        else:
+            parts = spread_over_runs(rng, chunks, RUNS)
+        for run, part in enumerate(parts):
+            per_run[run].extend(part)
+    directories = []
+    for run, chunks in enumerate(per_run):
+        directory = str(root / f"run-{run + 1}")
+        write_chunk_files(directory, chunks, files=3, rng=rng)
+        directories.append(directory)
+    assert any(c.steps == 1 for run in per_run for c in run)
+    return model, whole, directories, sum(map(len, per_run))

@@ -50,7 +50,7 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
     conflict = seqcarry("run", *common, "--chunks", str(chunks), "--run-id", "r1")
     assert conflict.returncode == 4
     assert error_line(conflict) == (
-        f"seqcarry: error: run id r1 is already used under {tmp_path / 'state'}; "
+        f"seqcarry: error: run id r1 is already committed under {tmp_path / 'state'}; "
         "pass a new --run-id")
 
     missing = seqcarry("run", *common, "--chunks", str(tmp_path / "nothing" / "*.parquet"))

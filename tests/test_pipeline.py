@@ -9,49 +9,12 @@ import pytest
 
 from pipeline import results, storage
 from pipeline.build import run_job
-from pipeline.demo import (cut_into_chunks, make_model, make_sequences, spread_over_runs,
-                           write_chunk_files)
+from pipeline.demo import make_model, write_chunk_files
 from pipeline.options import InputError, RunConfig
 from schemas import Chunk, ContractError, states_from_table
 from transforms.model import ModelError
+from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
-
-RUNS = 3
-IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
-TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-               "--direct_num_workers=2"]
-# The sequence that starts in run 1, sits out run 2 and continues in run 3.
-RESUMED = "resumed-after-a-missed-run"
-
-
-@pytest.fixture(scope="module")
-def workload(tmp_path_factory):
-    """A model, whole sequences, and each run's chunk directory."""
-    root = tmp_path_factory.mktemp("workload")
-    rng = np.random.default_rng(42)
-    model = make_model(str(root / "model.keras"), input_dim=3, units=(8, 6), output_dim=2,
-                       seed=7)
-    whole = make_sequences(rng, 36, input_dim=3, max_steps=300)
-    whole["one-step"] = rng.normal(size=(1, 3)).astype(np.float32)
-    whole[RESUMED] = rng.normal(size=(40, 3)).astype(np.float32)
-    per_run = [[] for _ in range(RUNS)]
-    for number, (sequence_id, features) in enumerate(sorted(whole.items())):
-        # Chunk sizes: all ones for some sequences, ragged up to 60 steps for others.
-        chunks = cut_into_chunks(rng, sequence_id, features, max_chunk=[1, 3, 17, 60][number % 4])
-        if sequence_id == RESUMED:
-            parts = [chunks[:3], [], chunks[3:]]
-        else:
-            parts = spread_over_runs(rng, chunks, RUNS)
-        for run, part in enumerate(parts):
-            per_run[run].extend(part)
-    directories = []
-    for run, chunks in enumerate(per_run):
-        directory = str(root / f"run-{run + 1}")
-        write_chunk_files(directory, chunks, files=3, rng=rng)
-        directories.append(directory)
-    assert any(c.steps == 1 for run in per_run for c in run)
-    return model, whole, directories, sum(map(len, per_run))
-
 
 def run_all(workload, tmp_path, beam_args):
     model, _, directories, _ = workload
@@ -155,7 +118,7 @@ def test_a_failed_run_commits_nothing(workload, tmp_path):
         run_job(RunConfig(model, write_chunks(tmp_path / "bad", wrong_width), state, outputs,
                           run_id="bad"), IN_PROCESS)
     assert "model needs [steps >= 1, 3]" in str(failure.value)
-    assert storage.StateStore(state).current() == "good"
+    assert storage.StateStore(state).current().run_id == "good"
     assert not os.path.exists(storage.StateStore(state).manifest_url("bad"))
 
 
@@ -166,14 +129,14 @@ def test_state_from_another_model_is_refused(workload, tmp_path):
     other = make_model(str(tmp_path / "other.keras"), 3, (8, 6), 2, seed=99)
     with pytest.raises(ModelError, match="was written by model sha256:"):
         run_job(RunConfig(other, chunks, state, outputs, run_id="two"), IN_PROCESS)
-    assert storage.StateStore(state).current() == "one"
+    assert storage.StateStore(state).current().run_id == "one"
 
 
 def test_reused_run_id_and_empty_input_are_refused(workload, tmp_path):
     state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
     chunks = write_chunks(tmp_path / "c", [Chunk("a", 0, np.ones((2, 3), np.float32))])
     run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
-    with pytest.raises(storage.StateConflictError, match="run id one is already used"):
+    with pytest.raises(storage.StateConflictError, match="run id one is already committed"):
         run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
     with pytest.raises(InputError, match="no Parquet files match"):
         run_job(RunConfig(workload[0], str(tmp_path / "none" / "*.parquet"), state, outputs),

@@ -59,13 +59,15 @@ class ReadChunkFile(beam.DoFn):
 
 
 class ReadStateFile(beam.DoFn):
-    """A snapshot file's URL -> ``(sequence_id, CarriedState)`` for each of its rows."""
+    """A snapshot file's record -> ``(sequence_id, CarriedState)`` for each of its rows,
+    after checking the file against its manifest record (sha256, rows)."""
 
     def __init__(self, state_names: Sequence[str]):
         self._state_names = tuple(state_names)
 
-    def process(self, url: str):
-        for state in states_from_table(storage.read_table(url), self._state_names, url):
+    def process(self, record: storage.FileRecord):
+        table = storage.read_table(record.path, record)
+        for state in states_from_table(table, self._state_names, record.path):
             yield state.sequence_id, state
 
 
@@ -122,6 +124,7 @@ class RunBatches(beam.DoFn):
         bucket, works = element
         for number, batch in enumerate(split_into_batches(list(works), self._batch_size)):
             result = self._session.run(batch)
+            storage.fault_point("mid_compute")
             yield beam.pvalue.TaggedOutput("outputs", (f"{bucket:05d}-{number:04d}",
                                                        result.outputs))
             yield from result.states
@@ -164,6 +167,7 @@ class WriteStateShard(beam.DoFn):
         ordered = sorted(states, key=lambda s: s.sequence_id)
         url = self._store.state_file_url(self._run_id, shard, self._shards)
         yield STATE_FILE, storage.write_table(url, states_to_table(ordered, self._state_names))
+        storage.fault_point("after_state_file")
 
 
 class WriteManifest(beam.DoFn):
@@ -197,6 +201,7 @@ class WriteManifest(beam.DoFn):
             output_files=tuple(sorted(files[OUTPUT_FILE], key=lambda r: r.path)),
             counts=dict(counts))
         storage.StateStore(self._state_url).write_manifest(manifest)
+        storage.fault_point("after_manifest")
         yield manifest.run_id
 
 

@@ -1,0 +1,202 @@
+"""The commit protocol: faults at every stage, concurrent runs, damaged files,
+rollback and retention. Whatever happens, the committed snapshot stays intact and
+rerunning gives a final state bit for bit equal to a run that never failed."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline import results, storage
+from pipeline.build import commit, execute, plan_run, run_job
+from pipeline.options import RunConfig
+from tests.conftest import IN_PROCESS
+
+SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
+
+
+def config(workload, tmp_path, run, run_id=None, **extra):
+    return RunConfig(model=workload[0], chunks=workload[2][run], state=str(tmp_path / "state"),
+                     outputs=str(tmp_path / "outputs"), run_id=run_id or f"run-{run + 1}",
+                     batch_size=4, window_steps=16, **extra)
+
+
+def final_state(state_url):
+    """Everything the committed snapshot carries, as comparable plain values."""
+    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
+            for sid, s in results.committed_states(state_url).items()}
+
+
+@pytest.fixture(scope="module")
+def never_failed(workload, tmp_path_factory):
+    """Final state and outputs of three runs that never failed."""
+    tmp_path = tmp_path_factory.mktemp("never-failed")
+    for run in range(3):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    state = str(tmp_path / "state")
+    return final_state(state), results.committed_outputs(state)
+
+
+def assert_same_outputs(got, want):
+    assert sorted(got) == sorted(want)
+    for sequence_id in want:
+        np.testing.assert_array_equal(got[sequence_id], want[sequence_id])
+
+
+@pytest.mark.parametrize("stage", storage.FAULT_STAGES)
+@pytest.mark.parametrize("action", ["kill", "raise"])
+def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed, stage,
+                                               action):
+    state = str(tmp_path / "state")
+    run_job(config(workload, tmp_path, 0), IN_PROCESS)
+    committed_before = final_state(state)
+    failing = config(workload, tmp_path, 1)
+
+    if action == "kill":  # SIGKILL of the whole run, in its own process
+        died = subprocess.run(
+            [SEQCARRY, "run", "--model", failing.model, "--chunks", failing.chunks,
+             "--state", failing.state, "--outputs", failing.outputs, "--run-id", "run-2",
+             "--batch-size", "4", "--window-steps", "16", *IN_PROCESS],
+            env=os.environ | {storage.FAULT_ENV: f"{stage}:kill"}, capture_output=True)
+        assert died.returncode == -9, died.stderr[-2000:]
+    else:
+        os.environ[storage.FAULT_ENV] = f"{stage}:raise"
+        try:
+            with pytest.raises(Exception, match=f"injected fault at {stage}"):
+                run_job(failing, IN_PROCESS)
+        finally:
+            del os.environ[storage.FAULT_ENV]
+
+    store = storage.StateStore(state)
+    committed = stage == "after_commit"
+    assert store.current().run_id == ("run-2" if committed else "run-1")
+    store.verify()  # the committed snapshot is intact and readable
+    if not committed:
+        assert final_state(state) == committed_before
+        assert set(results.committed_outputs(state)) <= set(committed_before)
+
+    # Rerun: the same run id if it never committed (its leftovers are cleaned), then run 3.
+    rerun = config(workload, tmp_path, 1, run_id="run-2-again" if committed else "run-2")
+    report = run_job(rerun, IN_PROCESS)
+    if committed:
+        assert report["chunks_processed"] == 0
+        assert report["chunks_held_out_by_reason"] == {"already_applied": report["chunks_read"]}
+    run_job(config(workload, tmp_path, 2), IN_PROCESS)
+    assert final_state(state) == never_failed[0]
+    assert_same_outputs(results.committed_outputs(state), never_failed[1])
+    listed = {r.path for m in store.history() for r in m.output_files}
+    on_disk = set(storage.expand_glob(str(tmp_path / "outputs")))
+    assert on_disk == listed  # no leftover of the failed attempt
+
+
+def test_two_runs_from_the_same_state_one_commits_the_other_changes_nothing(
+        workload, tmp_path):
+    state = str(tmp_path / "state")
+    run_job(config(workload, tmp_path, 0), IN_PROCESS)
+    first = plan_run(config(workload, tmp_path, 1, run_id="first"))
+    second = plan_run(config(workload, tmp_path, 1, run_id="second"))
+    commit(first, execute(first, IN_PROCESS), 1.0)
+    winner = final_state(state)
+    second_manifest = execute(second, IN_PROCESS)
+    with pytest.raises(storage.StateConflictError,
+                       match="state moved from run-1 to first while this run was running"):
+        commit(second, second_manifest, 1.0)
+    store = storage.StateStore(state)
+    assert store.current().run_id == "first"
+    assert final_state(state) == winner
+    assert not os.path.exists(store.report_url("second"))
+
+
+@pytest.mark.parametrize("contenders", [8])
+def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, contenders):
+    store = storage.StateStore(str(tmp_path / "state"))
+    for name in ["base"] + [f"run{i}" for i in range(contenders)]:
+        storage.write_json(store.manifest_url(name), {"run_id": name})
+    store.commit("base", "sha", None)
+    base = store.current()
+    wins, barrier = [], threading.Barrier(contenders)
+
+    def contend(name):
+        barrier.wait()
+        try:
+            store.commit(name, "sha", base)
+            wins.append(name)
+        except storage.StateConflictError:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(f"run{i}",)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 1 and store.current().run_id == wins[0]
+
+
+def damage(path, how):
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[:len(data) // 2] if how == "truncate"
+                     else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip-a-byte"])
+def test_a_damaged_snapshot_file_stops_the_run_and_names_the_file(workload, tmp_path, how):
+    state = str(tmp_path / "state")
+    run_job(config(workload, tmp_path, 0), IN_PROCESS)
+    store = storage.StateStore(state)
+    (record,) = store.committed().state_files
+    damage(record.path, how)
+    damaged_bytes = open(record.path, "rb").read()
+
+    with pytest.raises(storage.IntegrityError, match=f"{record.path} is damaged"):
+        store.verify()
+    with pytest.raises(Exception, match=f"{record.path} is damaged"):
+        run_job(config(workload, tmp_path, 1), IN_PROCESS)
+    assert store.current().run_id == "run-1"
+    assert open(record.path, "rb").read() == damaged_bytes  # nothing was overwritten
+
+    cli = subprocess.run([SEQCARRY, "verify", "--state", state], capture_output=True,
+                         text=True)
+    assert cli.returncode == 3
+    assert cli.stderr.strip().splitlines()[-1].startswith(
+        f"seqcarry: error: {record.path} is damaged")
+
+
+def test_an_altered_manifest_is_detected(workload, tmp_path):
+    run_job(config(workload, tmp_path, 0), IN_PROCESS)
+    store = storage.StateStore(str(tmp_path / "state"))
+    path = store.manifest_url("run-1")
+    open(path, "a").write(" ")
+    with pytest.raises(storage.IntegrityError, match="manifest.json is damaged"):
+        store.verify()
+
+
+def test_rollback_then_rerun_reproduces_the_rolled_back_runs_exactly(workload, tmp_path,
+                                                                    never_failed):
+    state = str(tmp_path / "state")
+    for run in range(3):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    store = storage.StateStore(state)
+    store.rollback("run-1")
+    assert [m.run_id for m in store.history()] == ["run-1"]
+    for run in (1, 2):
+        run_job(config(workload, tmp_path, run, run_id=f"rerun-{run + 1}"), IN_PROCESS)
+    assert final_state(state) == never_failed[0]
+    assert_same_outputs(results.committed_outputs(state), never_failed[1])
+    with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+        store.rollback("never-ran")
+
+
+def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
+                                                              never_failed):
+    state = str(tmp_path / "state")
+    reports = [run_job(config(workload, tmp_path, run, keep=2), IN_PROCESS)
+               for run in range(3)]
+    assert [r["snapshots_removed"] for r in reports] == [[], [], ["run-1"]]
+    store = storage.StateStore(state)
+    assert [m.run_id for m in store.history()] == ["run-3", "run-2"]
+    assert not os.path.exists(store.snapshot_url("run-1"))
+    store.verify()
+    assert final_state(state) == never_failed[0]
