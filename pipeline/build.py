@@ -14,7 +14,7 @@ import time
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import storage
 from pipeline.options import InputError, RunConfig, add_run_arguments
@@ -110,9 +110,24 @@ def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
     return commit(plan, manifest, time.perf_counter() - started)
 
 
+def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam's options from the command line.
+
+    ``DirectRunner`` (also Beam's default) runs on Beam's ``FnApiRunner``: the local
+    runner the DirectRunner ends up on anyway, without first trying to download the
+    Prism runner from the internet (which fails offline, and elsewhere silently swaps
+    the runner). ``--runner=PrismRunner`` still asks for Prism explicitly.
+    """
+    options = PipelineOptions(list(beam_args))
+    standard = options.view_as(StandardOptions)
+    if standard.runner in (None, "DirectRunner"):
+        standard.runner = "FnApiRunner"
+    return options
+
+
 def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> storage.Manifest:
     """Run the pipeline; returns the manifest it wrote (not yet committed)."""
-    pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build(pipeline, plan)
     pipeline.run().wait_until_finish()
     return storage.StateStore(plan.config.state).manifest(plan.run_id)

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import signal
+import tempfile
 import uuid
 from typing import Any, Iterator
 
@@ -90,6 +91,19 @@ def read_bytes(url: str) -> bytes:
             return handle.read()
     except FileNotFoundError as error:
         raise StorageError(f"{url} does not exist") from error
+
+
+def local_copy(url: str) -> str:
+    """A local path holding the file at ``url`` (the path itself for local files)."""
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"), os.path.basename(path))
+    try:
+        fs.get(path, target)
+    except FileNotFoundError as error:
+        raise StorageError(f"{url} does not exist") from error
+    return target
 
 
 def _write_bytes(url: str, data: bytes) -> None:

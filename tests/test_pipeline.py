@@ -146,3 +146,16 @@ def test_reused_run_id_and_empty_input_are_refused(workload, tmp_path):
     pq.write_table(pa.table({"sequence_id": ["a"]}), str(bad / "x.parquet"))
     with pytest.raises(ContractError, match="missing column"):
         run_job(RunConfig(workload[0], str(bad), state, outputs, run_id="three"), IN_PROCESS)
+
+
+@pytest.mark.parametrize("args, runner", [
+    ([], "FnApiRunner"),
+    (["--runner=DirectRunner", "--direct_num_workers=2"], "FnApiRunner"),
+    (["--runner=PrismRunner"], "PrismRunner"),
+    (["--runner=DataflowRunner"], "DataflowRunner"),
+])
+def test_direct_runner_runs_locally_without_fetching_prism(args, runner):
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipeline.build import pipeline_options
+    assert pipeline_options(args).view_as(StandardOptions).runner == runner

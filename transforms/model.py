@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import numpy as np
@@ -211,10 +210,14 @@ class KerasLoader(ModelLoader):
 LOADERS: Sequence[ModelLoader] = (KerasLoader(),)
 
 
-def load_model(path: str) -> RecurrentStack:
-    """Load a model file of any supported format into a :class:`RecurrentStack`."""
-    if not os.path.exists(path):
-        raise ModelError(f"model file {path} does not exist")
+def load_model(url: str) -> RecurrentStack:
+    """Load a model file of any supported format, local or at an fsspec URL
+    (``gs://...``), into a :class:`RecurrentStack`."""
+    from pipeline import storage
+
+    if not storage.exists(url):
+        raise ModelError(f"model file {url} does not exist")
+    path = storage.local_copy(url)
     for loader in LOADERS:
         if loader.can_load(path):
             return loader.load(path)
