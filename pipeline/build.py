@@ -43,6 +43,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     """Check the inputs and decide everything the pipeline needs to be built."""
     if config.batch_size < 1 or config.window_steps < 1:
         raise InputError("--batch-size and --window-steps must be at least 1")
+    storage.check_location(config.state, "--state")
+    storage.check_location(config.outputs, "--outputs")
     stack = load_model(config.model)
     store = storage.StateStore(config.state)
     run_id = config.run_id or datetime.datetime.now(

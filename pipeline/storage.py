@@ -56,7 +56,31 @@ def join(base: str, *parts: str) -> str:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url)
+    # No listings cache: other processes write here too, and a stale listing must
+    # never hide a snapshot file or CURRENT.
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def _is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
+    return "gs" in fs.protocol
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn a filesystem's permanent errors into one clear StorageError.
+
+    Transient ones (HTTP 408/429/5xx, connection resets) never get here on ``gs://``:
+    gcsfs retries them with exponential backoff (6 tries) first.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as error:
+        raise StorageError(f"cannot {doing} {url}: it does not exist (check the bucket "
+                           "and path)") from error
+    except OSError as error:  # e.g. gcsfs' "Forbidden" for HTTP 403
+        raise StorageError(f"cannot {doing} {url}: {str(error).splitlines()[0]}") from error
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -67,21 +91,35 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def expand_glob(pattern: str) -> list[str]:
     """Files matching ``pattern`` (a path, directory or glob), sorted."""
     fs, path = _fs(pattern)
-    if fs.isdir(path):
-        path = join(path, "**", "*.parquet")
-    return sorted(_url(fs, p) for p in fs.glob(path) if not fs.isdir(p))
+    with _storage_errors(pattern, "list"):
+        if fs.isdir(path):
+            path = join(path, "**", "*.parquet")
+        return sorted(_url(fs, p) for p in fs.glob(path) if not fs.isdir(p))
 
 
 def exists(url: str) -> bool:
     fs, path = _fs(url)
-    return fs.exists(path)
+    with _storage_errors(url, "look up"):
+        return fs.exists(path)
+
+
+def check_location(url: str, option: str) -> None:
+    """Fail fast, naming ``option``, if ``url``'s bucket does not exist."""
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return
+    root = path.split("/", 1)[0]
+    with _storage_errors(url, "reach"):
+        if not fs.exists(root):
+            raise StorageError(f"{option} {url}: bucket {root} does not exist")
 
 
 def remove_tree(url: str) -> None:
     """Delete ``url`` and everything below it, if it exists."""
     fs, path = _fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with _storage_errors(url, "delete"):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def read_bytes(url: str) -> bytes:
@@ -91,6 +129,8 @@ def read_bytes(url: str) -> bytes:
             return handle.read()
     except FileNotFoundError as error:
         raise StorageError(f"{url} does not exist") from error
+    except OSError as error:
+        raise StorageError(f"cannot read {url}: {str(error).splitlines()[0]}") from error
 
 
 def local_copy(url: str) -> str:
@@ -99,10 +139,8 @@ def local_copy(url: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return path
     target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"), os.path.basename(path))
-    try:
+    with _storage_errors(url, "download"):
         fs.get(path, target)
-    except FileNotFoundError as error:
-        raise StorageError(f"{url} does not exist") from error
     return target
 
 
@@ -110,8 +148,8 @@ def _write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or all of it."""
     fs, path = _fs(url)
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as handle:  # an object appears whole when closed
-            handle.write(data)
+        with _storage_errors(url, "write"), fs.open(path, "wb") as handle:
+            handle.write(data)  # an object appears whole when closed
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -390,12 +428,38 @@ def outputs_part_url(outputs: str, run_id: str, part: str) -> str:
 def _read_pointer(url: str) -> tuple[bytes | None, Any]:
     """CURRENT's bytes (None if absent) and the token that identifies this version."""
     fs, path = _fs(url)
-    try:
-        with fs.open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return None, None
+    with _storage_errors(url, "read"):
+        try:
+            if _is_gcs(fs):
+                # Generation first, then content: if CURRENT moves in between, the
+                # stale generation makes the commit fail; it can never pass wrongly.
+                generation = int(fs.info(path)["generation"])
+                return fs.cat_file(path), generation
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return None, None
     return data, data
+
+
+def _gcs_upload_if_generation(fs, path: str, data: bytes, generation: int) -> bool:
+    """Upload ``data`` only if the object's generation is ``generation`` (0: absent).
+
+    A multipart upload carries the precondition; GCS (and fake-gcs-server) refuse it
+    with HTTP 412, which gcsfs raises as FileExistsError.
+    """
+    bucket, key = path.split("/", 1)
+    body = (b"--seqcarry\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            + json.dumps({"name": key}).encode()
+            + b"\r\n--seqcarry\r\nContent-Type: application/json\r\n\r\n"
+            + data + b"\r\n--seqcarry--")
+    try:
+        fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+                uploadType="multipart", ifGenerationMatch=str(generation), data=body,
+                headers={"Content-Type": 'multipart/related; boundary="seqcarry"'},
+                json_out=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -413,17 +477,20 @@ def _local_lock(path: str) -> Iterator[None]:
 def _swap_pointer(url: str, token: Any, data: bytes) -> bool:
     """Replace CURRENT with ``data`` if it is still the version ``token`` (None: absent).
 
-    Returns False, changing nothing, if it is not.
+    Returns False, changing nothing, if it is not. A swap whose reply was lost and
+    whose retry then hit the precondition counts as done: CURRENT holds ``data``.
     """
     fs, path = _fs(url)
-    if isinstance(fs, LocalFileSystem):
-        with _local_lock(path):
-            if _read_pointer(url)[1] != token:
-                return False
-            _write_bytes(url, data)
-            return True
-    # Other filesystems: no atomic primitive; checked, then written.
-    if _read_pointer(url)[1] != token:
-        return False
-    _write_bytes(url, data)
-    return True
+    with _storage_errors(url, "commit"):
+        if _is_gcs(fs):
+            swapped = _gcs_upload_if_generation(fs, path, data, token or 0)
+        elif isinstance(fs, LocalFileSystem):
+            with _local_lock(path):
+                swapped = _read_pointer(url)[1] == token
+                if swapped:
+                    _write_bytes(url, data)
+        else:  # no atomic primitive here: checked, then written
+            swapped = _read_pointer(url)[1] == token
+            if swapped:
+                _write_bytes(url, data)
+        return swapped or _read_pointer(url)[0] == data

@@ -44,3 +44,34 @@ def workload(tmp_path_factory):
         directories.append(directory)
     assert any(c.steps == 1 for run in per_run for c in run)
     return model, whole, directories, sum(map(len, per_run))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """fake-gcs-server on 127.0.0.1 for the whole session; clients pointed at it."""
+    from tests import gcs
+
+    saved = {key: os.environ.get(key) for key in
+             [*gcs.CLIENT_ENV, "STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT"]}
+    with gcs.emulator() as base:
+        gcs.point_clients_at(base)
+        yield base
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(gcs_emulator, request):
+    """A new, empty bucket; yields its gs:// URL."""
+    import hashlib
+    import re
+
+    from tests import gcs
+
+    name = (re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-"
+            + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10])
+    gcs.create_bucket(gcs_emulator, name)
+    yield f"gs://{name}"

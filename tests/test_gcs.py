@@ -1,0 +1,169 @@
+"""The state store on gs:// against the real fake-gcs-server: the oracle, the
+compare-and-swap, faults, damaged files, and transient and permanent HTTP errors."""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pytest
+
+from pipeline import results, storage
+from pipeline.build import commit, execute, plan_run, run_job
+from pipeline.options import RunConfig
+from tests import gcs
+from tests.conftest import IN_PROCESS, TWO_WORKERS
+from tests.test_pipeline import assert_equals_whole_sequence_model
+
+SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
+
+
+def upload_workload(workload, bucket):
+    """The workload's model and chunk files, copied to the bucket."""
+    fs = fsspec.filesystem("gs")
+    model = f"{bucket}/model/model.keras"
+    fs.put(workload[0], model)
+    directories = []
+    for number, directory in enumerate(workload[2]):
+        target = f"{bucket}/chunks/run-{number + 1}"
+        for name in sorted(os.listdir(directory)):
+            fs.put(os.path.join(directory, name), f"{target}/{name}")
+        directories.append(target)
+    return model, directories
+
+
+def gs_config(model, chunks, bucket, run_id, **extra):
+    return RunConfig(model=model, chunks=chunks, state=f"{bucket}/state",
+                     outputs=f"{bucket}/outputs", run_id=run_id, batch_size=4,
+                     window_steps=16, **extra)
+
+
+def final_state(state_url):
+    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
+            for sid, s in results.committed_states(state_url).items()}
+
+
+def test_oracle_with_chunks_state_outputs_and_model_on_gcs(workload, bucket):
+    model, directories = upload_workload(workload, bucket)
+    reports = [run_job(gs_config(model, chunks, bucket, f"run-{n + 1}"), TWO_WORKERS)
+               for n, chunks in enumerate(directories)]
+    assert sum(r["chunks_processed"] for r in reports) == workload[3]
+    assert reports[-1]["outputs"] == f"{bucket}/outputs/run-3"
+    assert_equals_whole_sequence_model(workload, f"{bucket}/state")
+    store = storage.StateStore(f"{bucket}/state")
+    assert [m.run_id for m in store.history()] == ["run-3", "run-2", "run-1"]
+    store.verify()
+
+
+def test_compare_and_swap_on_gcs_lets_exactly_one_writer_win(bucket):
+    store = storage.StateStore(f"{bucket}/state")
+    names = ["base"] + [f"run{i}" for i in range(6)]
+    for name in names:
+        storage.write_json(store.manifest_url(name), {"run_id": name})
+    store.commit("base", "sha", None)
+    with pytest.raises(storage.StateConflictError, match="state moved from empty to base"):
+        store.commit("run0", "sha", None)  # create-only: CURRENT exists now
+    base = store.current()
+    wins, barrier = [], threading.Barrier(len(names) - 1)
+
+    def contend(name):
+        barrier.wait()
+        try:
+            store.commit(name, "sha", base)
+            wins.append(name)
+        except storage.StateConflictError:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(name,)) for name in names[1:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 1 and store.current().run_id == wins[0]
+
+
+def test_two_runs_on_gcs_one_commits_the_other_fails_cleanly(workload, bucket):
+    model, directories = upload_workload(workload, bucket)
+    run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
+    first = plan_run(gs_config(model, directories[1], bucket, "first"))
+    second = plan_run(gs_config(model, directories[1], bucket, "second"))
+    commit(first, execute(first, IN_PROCESS), 1.0)
+    winner = final_state(f"{bucket}/state")
+    manifest = execute(second, IN_PROCESS)
+    with pytest.raises(storage.StateConflictError, match="state moved from run-1 to first"):
+        commit(second, manifest, 1.0)
+    assert storage.StateStore(f"{bucket}/state").current().run_id == "first"
+    assert final_state(f"{bucket}/state") == winner
+
+
+@pytest.mark.parametrize("stage", ["after_state_file", "after_manifest", "before_commit"])
+def test_a_run_killed_on_gcs_leaves_the_committed_snapshot_intact(workload, bucket, stage):
+    model, directories = upload_workload(workload, bucket)
+    run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
+    config = gs_config(model, directories[1], bucket, "run-2")
+    died = subprocess.run(
+        [SEQCARRY, "run", "--model", model, "--chunks", config.chunks, "--state",
+         config.state, "--outputs", config.outputs, "--run-id", "run-2", "--batch-size", "4",
+         "--window-steps", "16", *IN_PROCESS],
+        env=os.environ | {storage.FAULT_ENV: f"{stage}:kill"}, capture_output=True)
+    assert died.returncode == -9
+    store = storage.StateStore(config.state)
+    assert store.verify().run_id == "run-1"
+    run_job(config, IN_PROCESS)
+    run_job(gs_config(model, directories[2], bucket, "run-3"), IN_PROCESS)
+    assert_equals_whole_sequence_model(workload, config.state)
+
+
+def test_a_damaged_object_on_gcs_is_named_and_left_alone(workload, bucket):
+    model, directories = upload_workload(workload, bucket)
+    run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
+    store = storage.StateStore(f"{bucket}/state")
+    (record,) = store.committed().state_files
+    fs = fsspec.filesystem("gs")
+    damaged = fs.cat_file(record.path)[:-10]
+    fs.pipe_file(record.path, damaged)
+    with pytest.raises(storage.IntegrityError, match=f"{record.path} is damaged"):
+        store.verify()
+    with pytest.raises(Exception, match=f"{record.path} is damaged"):
+        run_job(gs_config(model, directories[1], bucket, "run-2"), IN_PROCESS)
+    assert fs.cat_file(record.path) == damaged and store.current().run_id == "run-1"
+
+
+def test_transient_503s_are_retried_and_the_runs_succeed(workload, bucket, gcs_emulator,
+                                                          tmp_path):
+    model, directories = upload_workload(workload, bucket)
+    with gcs.FaultProxy(gcs_emulator, status=503, fail_every=5, max_failures=8) as proxy:
+        gcs.point_clients_at(proxy.url)
+        try:
+            for number, chunks in enumerate(directories):
+                run_job(gs_config(model, chunks, bucket, f"run-{number + 1}"), IN_PROCESS)
+        finally:
+            gcs.point_clients_at(gcs_emulator)
+    assert proxy.failures == 8 and proxy.requests > 40
+    # Same bits as the same runs on local disk.
+    for number, chunks in enumerate(workload[2]):
+        run_job(RunConfig(workload[0], chunks, str(tmp_path / "state"), str(tmp_path / "out"),
+                          run_id=f"run-{number + 1}", batch_size=4, window_steps=16),
+                IN_PROCESS)
+    assert final_state(f"{bucket}/state") == final_state(str(tmp_path / "state"))
+
+
+def test_permanent_errors_fail_fast_with_a_clear_message(workload, bucket, gcs_emulator):
+    model, directories = upload_workload(workload, bucket)
+    with pytest.raises(storage.StorageError, match="--state gs://no-such-bucket/state: "
+                                                   "bucket no-such-bucket does not exist"):
+        run_job(gs_config(model, directories[0], "gs://no-such-bucket", "r"), IN_PROCESS)
+    with gcs.FaultProxy(gcs_emulator, status=403) as proxy:
+        env = os.environ | {"STORAGE_EMULATOR_HOST": proxy.url,
+                            "CLOUD_STORAGE_EMULATOR_ENDPOINT": proxy.url}
+        started = time.monotonic()
+        refused = subprocess.run(
+            [SEQCARRY, "run", "--model", workload[0], "--chunks", directories[0],
+             "--state", f"{bucket}/state", "--outputs", f"{bucket}/outputs"],
+            env=env, capture_output=True, text=True)
+        elapsed = time.monotonic() - started
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    assert "Forbidden" in refused.stderr.strip().splitlines()[-1]
+    assert elapsed < 60 and proxy.failures <= 2  # not retried
