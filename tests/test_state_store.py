@@ -200,3 +200,19 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
     assert not os.path.exists(store.snapshot_url("run-1"))
     store.verify()
     assert final_state(state) == never_failed[0]
+
+
+def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_path):
+    from schemas import CarriedState, ChunkOutput
+    from transforms.dofns import WriteOutputPart, WriteStateShard
+
+    states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
+    outputs = [ChunkOutput(f"s{i}", 0, np.full((3, 2), i, np.float32)) for i in (1, 0)]
+    writers = [(WriteStateShard(str(tmp_path / "state"), "r", 1, ("layer0_h",)), (0, states)),
+               (WriteOutputPart(str(tmp_path / "out"), "r"), ("00000-0000", outputs))]
+    for writer, element in writers:
+        first = list(writer.process(element))
+        retried = list(writer.process((element[0], list(reversed(element[1])))))
+        assert first == retried  # same path, rows and sha256, whatever the element order
+        (kind, record), = first
+        assert os.listdir(os.path.dirname(record.path)) == [os.path.basename(record.path)]
