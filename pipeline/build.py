@@ -18,12 +18,17 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import storage
 from pipeline.options import InputError, RunConfig, add_run_arguments
-from transforms.dofns import (LEDGER, ApplyChunks, ReadChunkFile, ReadStateFile,
-                              WriteManifest, WriteOutputPart, WriteStateShard)
+from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
+                              ApplyChunks, ReadChunkFile, ReadSnapshotFile, WriteDeadLetters,
+                              WriteFinalStates, WriteManifest, WriteOutputPart,
+                              WriteSnapshotShard)
 from transforms.model import ModelError, RecurrentStack, load_model
-from transforms.sequencing import stable_bucket
+from transforms.sequencing import (DEFERRED, PROCESSED, REJECTED, SKIPPED, Planner,
+                                   stable_bucket)
 
 ROWS_PER_STATE_FILE = 100_000
+# Where every chunk read ends up: exactly one of these.
+CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -37,6 +42,7 @@ class RunPlan:
     stack: RecurrentStack
     chunk_files: tuple[str, ...]
     state_shards: int
+    planner: Planner
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -54,18 +60,26 @@ def plan_run(config: RunConfig) -> RunPlan:
                          "(at most 128, starting with a letter or digit)")
     pointer = store.current()
     parent = store.manifest(pointer.run_id, pointer.manifest_sha256) if pointer else None
-    if parent and parent.model_fingerprint != stack.fingerprint:
+    if parent and parent.model_fingerprint != stack.fingerprint and not config.reset_state:
         raise ModelError(
             f"the state in {config.state} was written by model {parent.model_fingerprint}, "
-            f"but {config.model} is {stack.fingerprint}; use the model that wrote the state")
+            f"but {config.model} is {stack.fingerprint}; use the model that wrote the state, "
+            "or pass --reset-state to restart every sequence's state from zeros")
     chunk_files = storage.expand_glob(config.chunks)
     if not chunk_files:
         raise InputError(f"no Parquet files match --chunks {config.chunks}")
     input_rows = sum(storage.parquet_rows(url) for url in chunk_files)
     live = parent.sequences if parent else 0
     shards = max(1, -(-(live + input_rows) // ROWS_PER_STATE_FILE))
+    planner = Planner(
+        run_id=run_id, run_number=parent.run_number + 1 if parent else 1,
+        started_at=int(time.time()), zero_state=stack.zero_state(),
+        model_fingerprint=stack.fingerprint, reset_state=config.reset_state,
+        expire_after_runs=config.expire_after_runs,
+        expire_after_seconds=(int(config.expire_after_days * 86400)
+                              if config.expire_after_days else None))
     store.prepare_run(run_id, config.outputs)
-    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), shards)
+    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), shards, planner)
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
@@ -75,33 +89,59 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         pipeline
         | "ChunkFiles" >> beam.Create(plan.chunk_files)
         | "SpreadChunkFiles" >> beam.Reshuffle()
-        | "ReadChunks" >> beam.ParDo(ReadChunkFile(stack.input_dim)).with_outputs(
-            LEDGER, main="chunks"))
-    states = (
+        | "ReadChunks" >> beam.ParDo(ReadChunkFile(
+            stack.input_dim, config.allow_non_finite, plan.run_id)).with_outputs(
+                "dead_letters", LEDGER, main="chunks"))
+    snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
+                      + [(PENDING_FILE, r) for r in plan.parent.pending_files]
+                      if plan.parent else [])
+    snapshot = (
         pipeline
-        | "StateFiles" >> beam.Create(plan.parent.state_files if plan.parent else [])
-        | "SpreadStateFiles" >> beam.Reshuffle()
-        | "ReadStates" >> beam.ParDo(ReadStateFile(stack.state_names)))
-    applied = {"chunks": chunks.chunks, "states": states} | "ApplyChunks" >> ApplyChunks(
-        config.model, stack.zero_state(), stack.fingerprint, config.batch_size,
-        config.window_steps)
-    output_files = applied["outputs"] | "WriteOutputs" >> beam.ParDo(
-        WriteOutputPart(config.outputs, plan.run_id))
+        | "SnapshotFiles" >> beam.Create(snapshot_files)
+        | "SpreadSnapshotFiles" >> beam.Reshuffle()
+        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names)).with_outputs(
+            "pending", main="states"))
+    applied = (
+        {"chunks": chunks.chunks, "states": snapshot.states, "pending": snapshot.pending}
+        | "ApplyChunks" >> ApplyChunks(config.model, plan.planner, config.batch_size,
+                                       config.window_steps))
     shards = plan.state_shards
-    state_files = (
-        applied["states"]
-        | "KeyByStateShard" >> beam.Map(lambda s: (stable_bucket(s.sequence_id, shards), s))
-        | "GroupStateShards" >> beam.GroupByKey()
-        | "WriteStates" >> beam.ParDo(WriteStateShard(
+    snapshot_written = (
+        {"states": applied["states"] | "ShardStates" >> beam.Map(_shard_of, shards),
+         "pending": applied["pending"] | "ShardPending" >> beam.Map(_shard_of, shards)}
+        | "GroupSnapshotShards" >> beam.CoGroupByKey()
+        | "WriteSnapshot" >> beam.ParDo(WriteSnapshotShard(
             config.state, plan.run_id, shards, stack.state_names)))
+    outputs_written = applied["outputs"] | "WriteOutputs" >> beam.ParDo(
+        WriteOutputPart(config.outputs, plan.run_id))
+    dead_letters_written = (
+        (chunks.dead_letters, applied["dead_letters"])
+        | "AllDeadLetters" >> beam.Flatten()
+        | "ShardDeadLetters" >> beam.Map(lambda d: (stable_bucket(
+            f"{d.source}:{d.sequence_id}", SMALL_OUTPUT_SHARDS), d))
+        | "GroupDeadLetters" >> beam.GroupByKey()
+        | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(config.outputs, plan.run_id)))
+    final_states_written = (
+        applied["ended"]
+        | "ShardEnded" >> beam.Map(lambda pair: (stable_bucket(
+            pair[0].sequence_id, SMALL_OUTPUT_SHARDS), pair))
+        | "GroupEnded" >> beam.GroupByKey()
+        | "WriteFinalStates" >> beam.ParDo(WriteFinalStates(
+            config.outputs, plan.run_id, stack.state_names)))
     _ = (
-        (chunks[LEDGER], applied["ledger"], output_files, state_files)
+        (chunks[LEDGER], applied["ledger"], snapshot_written, outputs_written,
+         dead_letters_written, final_states_written)
         | "Ledger" >> beam.Flatten()
         | "OneKey" >> beam.Map(lambda entry: (None, entry))
         | "GatherLedger" >> beam.GroupByKey()
         | "WriteManifest" >> beam.ParDo(WriteManifest(
-            config.state, plan.run_id, plan.parent.run_id if plan.parent else None,
-            stack.fingerprint, stack.state_names)))
+            config.state, plan.run_id, plan.planner.run_number,
+            plan.parent.run_id if plan.parent else None, stack.fingerprint,
+            stack.state_names)))
+
+
+def _shard_of(item, shards: int):
+    return stable_bucket(item.sequence_id, shards), item
 
 
 def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
@@ -139,11 +179,12 @@ def commit(plan: RunPlan, manifest: storage.Manifest, seconds: float) -> dict:
     """Check the run's accounts, move CURRENT to its snapshot, write its report."""
     store = storage.StateStore(plan.config.state)
     counts = manifest.counts
-    accounted = counts.get("chunks_processed", 0) + counts.get("chunks_held_out", 0)
+    accounted = sum(counts.get(category, 0) for category in CATEGORIES)
     if counts.get("chunks_read", 0) != accounted:
         raise storage.StorageError(
             f"run {plan.run_id} read {counts.get('chunks_read', 0)} chunks but accounted for "
-            f"{accounted}; nothing was committed")
+            f"{accounted} ({', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); "
+            "nothing was committed")
     manifest_sha256 = hashlib.sha256(
         storage.read_bytes(store.manifest_url(plan.run_id))).hexdigest()
     storage.fault_point("before_commit")
@@ -157,24 +198,35 @@ def commit(plan: RunPlan, manifest: storage.Manifest, seconds: float) -> dict:
 
 
 def make_report(manifest: storage.Manifest, config: RunConfig, seconds: float) -> dict:
-    """The run report: counts from the manifest, plus wall time and throughput."""
+    """The run report: counts from the manifest, plus wall time and throughput.
+
+    Every chunk read is in exactly one of :data:`CATEGORIES`.
+    """
     counts = manifest.counts
+
+    def by_prefix(prefix: str) -> dict[str, int]:
+        return {key.removeprefix(prefix): value for key, value in sorted(counts.items())
+                if key.startswith(prefix)}
+
     steps = counts.get("steps_processed", 0)
     return {
         "run_id": manifest.run_id,
         "parent": manifest.parent,
         "chunks_read": counts.get("chunks_read", 0),
-        "chunks_processed": counts.get("chunks_processed", 0),
-        "chunks_held_out": counts.get("chunks_held_out", 0),
-        "chunks_held_out_by_reason": {key.removeprefix("chunks_held_out_"): value
-                                      for key, value in sorted(counts.items())
-                                      if key.startswith("chunks_held_out_")},
+        **{category: counts.get(category, 0) for category in CATEGORIES},
+        "chunks_rejected_by_reason": by_prefix(f"{REJECTED}_"),
+        "chunks_pending_total": manifest.pending_chunks,
+        "pending_applied": counts.get("pending_applied", 0),
+        "pending_rejected": counts.get("pending_rejected", 0),
         "sequences_touched": counts.get("sequences_touched", 0),
-        "sequences_live": manifest.sequences,
+        "sequences_live": counts.get("sequences_live", 0),
+        "sequences_ended": by_prefix("sequences_ended_"),
         "steps_processed": steps,
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,
         "outputs": storage.join(config.outputs, manifest.run_id),
+        "dead_letters": [r.path for r in manifest.dead_letter_files],
+        "final_states": [r.path for r in manifest.final_state_files],
         "snapshot": storage.StateStore(config.state).snapshot_url(manifest.run_id),
     }
 

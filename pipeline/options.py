@@ -21,6 +21,10 @@ class RunConfig:
     batch_size: int = 256
     window_steps: int = 256
     keep: int | None = None
+    allow_non_finite: bool = False
+    reset_state: bool = False
+    expire_after_runs: int | None = None
+    expire_after_days: float | None = None
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,3 +49,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=None, metavar="N",
                         help="after committing, delete all but the N newest committed "
                              "snapshots (default: keep all)")
+    parser.add_argument("--allow-non-finite", dest="allow_non_finite", action="store_true",
+                        help="accept NaN and infinite feature values (rejected by default)")
+    parser.add_argument("--reset-state", dest="reset_state", action="store_true",
+                        help="the model changed on purpose: restart the recurrent state of "
+                             "every sequence written by another model from zeros (chunk "
+                             "numbering continues)")
+    parser.add_argument("--expire-after-runs", dest="expire_after_runs", type=int,
+                        default=None, metavar="N",
+                        help="end sequences that received no chunk in the last N runs: their "
+                             "final state is reported and later chunks are rejected")
+    parser.add_argument("--expire-after-days", dest="expire_after_days", type=float,
+                        default=None, metavar="D",
+                        help="end sequences that received no chunk for D days (as above)")

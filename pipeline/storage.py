@@ -4,11 +4,13 @@ through gcsfs, and other fsspec URLs).
 Layout under ``--state``::
 
     CURRENT                              the commit pointer (JSON: run id, manifest sha256)
-    snapshots/<run_id>/state-*.parquet   carried state, one row per live sequence
+    snapshots/<run_id>/state-*.parquet   carried state, one row per sequence
+    snapshots/<run_id>/pending-*.parquet deferred chunks, waiting for earlier ones
     snapshots/<run_id>/manifest.json     files (rows, sha256), parent, fingerprint, counts
     runs/<run_id>/report.json            the run report
 
-and under ``--outputs``: ``<run_id>/part-*.parquet``.
+and under ``--outputs``: ``<run_id>/part-*.parquet`` (per-step outputs),
+``<run_id>/dead_letters/`` and ``<run_id>/final_states/``.
 
 The protocol: a run writes only under names that belong to its own run id (a retried
 bundle rewrites its own file, never adds a copy), then its manifest, and only then
@@ -251,31 +253,36 @@ def fault_point(stage: str) -> None:
 class Manifest:
     """What a snapshot holds; written before ``CURRENT`` is moved to it."""
     run_id: str
+    run_number: int  # 1 for the first run on a state, parent's + 1 after
     parent: str | None
     created_at: str
     model_fingerprint: str
     state_names: tuple[str, ...]
-    state_files: tuple[FileRecord, ...]
-    output_files: tuple[FileRecord, ...]
     counts: dict[str, int]
+    state_files: tuple[FileRecord, ...]
+    pending_files: tuple[FileRecord, ...]
+    output_files: tuple[FileRecord, ...]
+    dead_letter_files: tuple[FileRecord, ...]
+    final_state_files: tuple[FileRecord, ...]
 
     @property
     def sequences(self) -> int:
+        """Rows of the state files: live sequences and tombstones of closed ones."""
         return sum(record.rows for record in self.state_files)
 
+    @property
+    def pending_chunks(self) -> int:
+        return sum(record.rows for record in self.pending_files)
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"sequences": self.sequences}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, payload: dict) -> "Manifest":
-        return cls(
-            run_id=payload["run_id"], parent=payload["parent"],
-            created_at=payload["created_at"],
-            model_fingerprint=payload["model_fingerprint"],
-            state_names=tuple(payload["state_names"]),
-            state_files=tuple(FileRecord(**r) for r in payload["state_files"]),
-            output_files=tuple(FileRecord(**r) for r in payload["output_files"]),
-            counts=dict(payload["counts"]))
+        files = {f.name for f in dataclasses.fields(cls) if f.name.endswith("_files")}
+        return cls(**{key: (tuple(FileRecord(**r) for r in value) if key in files
+                            else tuple(value) if key == "state_names" else value)
+                      for key, value in payload.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +308,9 @@ class StateStore:
     def snapshot_url(self, run_id: str) -> str:
         return join(self.url, "snapshots", run_id)
 
-    def state_file_url(self, run_id: str, shard: int, shards: int) -> str:
-        return join(self.snapshot_url(run_id), f"state-{shard:05d}-of-{shards:05d}.parquet")
+    def snapshot_file_url(self, run_id: str, kind: str, shard: int, shards: int) -> str:
+        """A snapshot data file: ``kind`` is ``state`` or ``pending``."""
+        return join(self.snapshot_url(run_id), f"{kind}-{shard:05d}-of-{shards:05d}.parquet")
 
     def manifest_url(self, run_id: str) -> str:
         return join(self.snapshot_url(run_id), "manifest.json")
@@ -352,7 +360,7 @@ class StateStore:
             run_id = pointer.run_id
         manifest = self.manifest(
             run_id, pointer.manifest_sha256 if pointer and pointer.run_id == run_id else None)
-        for record in manifest.state_files:
+        for record in manifest.state_files + manifest.pending_files:
             read_table(record.path, record)
         return manifest
 
@@ -419,8 +427,9 @@ class StateStore:
         write_json(self.report_url(run_id), report)
 
 
-def outputs_part_url(outputs: str, run_id: str, part: str) -> str:
-    return join(outputs, run_id, f"part-{part}.parquet")
+def run_file_url(outputs: str, run_id: str, folder: str, part: str) -> str:
+    """A file a run writes under ``--outputs``: ``<outputs>/<run_id>/[folder/]part-*``."""
+    return join(outputs, run_id, *([folder] if folder else []), f"part-{part}.parquet")
 
 
 # --- the compare-and-swap of CURRENT, per filesystem ----------------------------------

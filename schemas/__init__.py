@@ -1,12 +1,16 @@
-"""Arrow schemas and record types of seqcarry's data contract (see README, "Data contract")."""
-from schemas.contract import (CHUNK_SCHEMA, OUTPUT_SCHEMA, SCHEMA_VERSION, CarriedState, Chunk,
-                              ChunkOutput, ContractError, chunks_from_table, chunks_to_table,
-                              matrices_from_array, matrix_array, outputs_from_table,
-                              outputs_to_table, state_schema, states_from_table, states_to_table)
+"""Arrow schemas and record types of seqcarry's data contract (see README, "Data contract"),
+and validation of input records."""
+from schemas.contract import (CHUNK_SCHEMA, DEAD_LETTER_SCHEMA, DIGEST_BYTES, OUTPUT_SCHEMA,
+                              PENDING_SCHEMA, SCHEMA_VERSION, CarriedState, Chunk, ChunkOutput,
+                              ContractError, DeadLetter, chunks_from_table, chunks_to_table,
+                              dead_letters_to_table, matrices_from_array, matrix_array,
+                              outputs_from_table, outputs_to_table, state_schema,
+                              states_from_table, states_to_table)
 
 __all__ = [
-    "CHUNK_SCHEMA", "OUTPUT_SCHEMA", "SCHEMA_VERSION", "CarriedState", "Chunk", "ChunkOutput",
-    "ContractError", "chunks_from_table", "chunks_to_table", "matrices_from_array",
+    "CHUNK_SCHEMA", "DEAD_LETTER_SCHEMA", "DIGEST_BYTES", "OUTPUT_SCHEMA", "PENDING_SCHEMA",
+    "SCHEMA_VERSION", "CarriedState", "Chunk", "ChunkOutput", "ContractError", "DeadLetter",
+    "chunks_from_table", "chunks_to_table", "dead_letters_to_table", "matrices_from_array",
     "matrix_array", "outputs_from_table", "outputs_to_table", "state_schema",
     "states_from_table", "states_to_table",
 ]

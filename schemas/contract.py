@@ -11,6 +11,7 @@ Python lists of floats, so large chunks stay cheap.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -25,8 +26,30 @@ CHUNK_SCHEMA = pa.schema([
     pa.field("sequence_id", pa.string(), nullable=False),
     pa.field("chunk_index", pa.int64(), nullable=False),
     pa.field("features", _MATRIX, nullable=False),
+    pa.field("is_last", pa.bool_(), nullable=True),
 ])
-"""Input chunks: one row per chunk of one sequence, ``features`` [steps, input_dim]."""
+"""Input chunks: one row per chunk of one sequence, ``features`` [steps, input_dim].
+``is_last`` is optional in input files (missing or null means False)."""
+
+PENDING_SCHEMA = pa.schema(list(CHUNK_SCHEMA) + [
+    pa.field("arrived_in_run", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=True),
+])
+"""Deferred chunks kept in a snapshot until the chunks before them arrive, with the
+run, file and row they came from."""
+
+DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=True),
+    pa.field("sequence_id", pa.string(), nullable=True),
+    pa.field("chunk_index", pa.int64(), nullable=True),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("message", pa.string(), nullable=False),
+    pa.field("record", pa.string(), nullable=False),
+])
+"""Rejected input: where it came from, a stable reason code, a message for people, and
+the original record as JSON (NaN and Infinity written as such)."""
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("sequence_id", pa.string(), nullable=False),
@@ -36,18 +59,26 @@ OUTPUT_SCHEMA = pa.schema([
 """Per-step model outputs: one row per applied chunk, ``outputs`` [steps, output_dim]."""
 
 
-def state_schema(state_names: Sequence[str]) -> pa.Schema:
+def state_schema(state_names: Sequence[str], final: bool = False) -> pa.Schema:
     """Schema of a state snapshot file for a model whose carried state has these parts.
 
-    One row per live sequence; one ``list<float32>`` column per state part
-    (``layer0_h``, ``layer0_c``, ...), in the model's order.
+    One row per sequence; one ``list<float32>`` column per state part (``layer0_h``,
+    ``layer0_c``, ...), in the model's order. ``applied_digests`` holds 8-byte digests of
+    the last applied chunks (to tell an exact duplicate from a conflicting one);
+    a ``closed`` row is a tombstone of an ended sequence (its state parts are empty).
+    With ``final``, the schema of the final states a run reports, with ``end_reason``.
     """
     return pa.schema(
         [pa.field("sequence_id", pa.string(), nullable=False),
          pa.field("next_chunk_index", pa.int64(), nullable=False),
          pa.field("steps_seen", pa.int64(), nullable=False)]
         + [pa.field(name, _VECTOR, nullable=False) for name in state_names]
-        + [pa.field("model_fingerprint", pa.string(), nullable=False)]
+        + [pa.field("model_fingerprint", pa.string(), nullable=False),
+           pa.field("applied_digests", pa.binary(), nullable=False),
+           pa.field("closed", pa.bool_(), nullable=False),
+           pa.field("last_run_number", pa.int64(), nullable=False),
+           pa.field("last_touched_at", pa.timestamp("s", tz="UTC"), nullable=False)]
+        + ([pa.field("end_reason", pa.string(), nullable=False)] if final else [])
     )
 
 
@@ -57,10 +88,26 @@ class Chunk:
     sequence_id: str
     chunk_index: int
     features: np.ndarray
+    is_last: bool = False
+    arrived_in_run: str = ""
+    source: str = ""  # the input file and row it was read from
+    row: int | None = None
 
     @property
     def steps(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def digest(self) -> bytes:
+        """8 bytes identifying the chunk's content (features and is_last)."""
+        digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        digest.update(np.asarray(self.features.shape, np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.features, np.float32).tobytes())
+        digest.update(b"\x01" if self.is_last else b"\x00")
+        return digest.digest()
+
+
+DIGEST_BYTES = 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,6 +123,18 @@ class CarriedState:
     steps_seen: int
     tensors: tuple[np.ndarray, ...]
     model_fingerprint: str
+    applied_digests: bytes = b""  # digests of chunks [next - len/8, next), oldest first
+    closed: bool = False
+    last_run_number: int = 0
+    last_touched_at: int = 0  # seconds since the epoch, UTC
+
+    def applied_digest(self, chunk_index: int) -> bytes | None:
+        """The digest of applied chunk ``chunk_index``, if still remembered."""
+        back = self.next_chunk_index - chunk_index
+        if back < 1 or back * DIGEST_BYTES > len(self.applied_digests):
+            return None
+        end = len(self.applied_digests) - (back - 1) * DIGEST_BYTES
+        return self.applied_digests[end - DIGEST_BYTES:end]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,6 +143,18 @@ class ChunkOutput:
     sequence_id: str
     chunk_index: int
     outputs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """An input record that was not applied, and why (``reason`` is a stable code)."""
+    source: str
+    row: int | None
+    sequence_id: str | None
+    chunk_index: int | None
+    reason: str
+    message: str
+    record: str
 
 
 class ContractError(ValueError):
@@ -141,49 +212,62 @@ def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
                             f"{schema}: {error}") from error
 
 
-def _per_chunk_to_table(records, schema: pa.Schema) -> pa.Table:
-    """Rows of (sequence_id, chunk_index, matrix) records: chunks or outputs."""
-    matrix_column = schema.names[2]
+def chunks_to_table(chunks: Sequence[Chunk], pending: bool = False) -> pa.Table:
+    """Table following :data:`CHUNK_SCHEMA` (or :data:`PENDING_SCHEMA` with ``pending``)."""
+    columns = [pa.array([c.sequence_id for c in chunks], pa.string()),
+               pa.array([c.chunk_index for c in chunks], pa.int64()),
+               matrix_array([c.features for c in chunks]),
+               pa.array([c.is_last for c in chunks], pa.bool_())]
+    if pending:
+        columns += [pa.array([c.arrived_in_run for c in chunks], pa.string()),
+                    pa.array([c.source for c in chunks], pa.string()),
+                    pa.array([c.row for c in chunks], pa.int64())]
+    return pa.Table.from_arrays(columns, schema=PENDING_SCHEMA if pending else CHUNK_SCHEMA)
+
+
+def chunks_from_table(table: pa.Table, source: str, pending: bool = False) -> list[Chunk]:
+    """Inverse of :func:`chunks_to_table`, for files seqcarry wrote (input files go
+    through :func:`schemas.validation.validate_chunks`)."""
+    table = conform(table, PENDING_SCHEMA if pending else CHUNK_SCHEMA, source)
+    features = matrices_from_array(table.column("features"), f"{source} column features")
+    provenance = ([table.column(name).to_pylist() for name in ("arrived_in_run", "source", "row")]
+                  if pending else [[""] * table.num_rows, [source] * table.num_rows,
+                                   list(range(table.num_rows))])
+    return [Chunk(sequence_id, int(chunk_index), matrix, bool(is_last), run, origin, row)
+            for sequence_id, chunk_index, matrix, is_last, run, origin, row in zip(
+                table.column("sequence_id").to_pylist(),
+                table.column("chunk_index").to_pylist(), features,
+                table.column("is_last").to_pylist(), *provenance)]
+
+
+def outputs_to_table(outputs: Sequence[ChunkOutput]) -> pa.Table:
+    """Table following :data:`OUTPUT_SCHEMA`."""
     return pa.Table.from_arrays(
-        [pa.array([r.sequence_id for r in records], pa.string()),
-         pa.array([r.chunk_index for r in records], pa.int64()),
-         matrix_array([getattr(r, matrix_column) for r in records])], schema=schema)
+        [pa.array([o.sequence_id for o in outputs], pa.string()),
+         pa.array([o.chunk_index for o in outputs], pa.int64()),
+         matrix_array([o.outputs for o in outputs])], schema=OUTPUT_SCHEMA)
 
 
-def _per_chunk_from_table(table: pa.Table, schema: pa.Schema, record_type, source: str):
-    """Inverse of :func:`_per_chunk_to_table`, building ``record_type`` objects."""
-    table = conform(table, schema, source)
-    matrix_column = schema.names[2]
-    matrices = matrices_from_array(table.column(matrix_column),
-                                   f"{source} column {matrix_column}")
-    return [record_type(sequence_id, int(chunk_index), matrix)
+def outputs_from_table(table: pa.Table, source: str) -> list[ChunkOutput]:
+    """Inverse of :func:`outputs_to_table`."""
+    table = conform(table, OUTPUT_SCHEMA, source)
+    matrices = matrices_from_array(table.column("outputs"), f"{source} column outputs")
+    return [ChunkOutput(sequence_id, int(chunk_index), matrix)
             for sequence_id, chunk_index, matrix in zip(
                 table.column("sequence_id").to_pylist(),
                 table.column("chunk_index").to_pylist(), matrices)]
 
 
-def chunks_from_table(table: pa.Table, source: str) -> list[Chunk]:
-    """Chunks from a table that follows :data:`CHUNK_SCHEMA` (extra columns ignored)."""
-    return _per_chunk_from_table(table, CHUNK_SCHEMA, Chunk, source)
+def dead_letters_to_table(letters: Sequence[DeadLetter]) -> pa.Table:
+    """Table following :data:`DEAD_LETTER_SCHEMA`."""
+    return pa.Table.from_pylist([dataclasses.asdict(d) for d in letters],
+                                schema=DEAD_LETTER_SCHEMA)
 
 
-def chunks_to_table(chunks: Sequence[Chunk]) -> pa.Table:
-    """Table following :data:`CHUNK_SCHEMA` (used by the demo and tests to write inputs)."""
-    return _per_chunk_to_table(chunks, CHUNK_SCHEMA)
-
-
-def outputs_to_table(outputs: Sequence[ChunkOutput]) -> pa.Table:
-    """Table following :data:`OUTPUT_SCHEMA`."""
-    return _per_chunk_to_table(outputs, OUTPUT_SCHEMA)
-
-
-def outputs_from_table(table: pa.Table, source: str) -> list[ChunkOutput]:
-    """Inverse of :func:`outputs_to_table`."""
-    return _per_chunk_from_table(table, OUTPUT_SCHEMA, ChunkOutput, source)
-
-
-def states_to_table(states: Sequence[CarriedState], state_names: Sequence[str]) -> pa.Table:
-    """Table following :func:`state_schema` for these state parts."""
+def states_to_table(states: Sequence[CarriedState], state_names: Sequence[str],
+                    end_reasons: Sequence[str] | None = None) -> pa.Table:
+    """Table following :func:`state_schema` for these state parts (the final-state
+    schema when ``end_reasons`` are given, one per state)."""
     columns = [
         pa.array([s.sequence_id for s in states], pa.string()),
         pa.array([s.next_chunk_index for s in states], pa.int64()),
@@ -195,8 +279,15 @@ def states_to_table(states: Sequence[CarriedState], state_names: Sequence[str]) 
         values = (np.concatenate(vectors).astype(np.float32) if vectors
                   else np.zeros(0, np.float32))
         columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
-    columns.append(pa.array([s.model_fingerprint for s in states], pa.string()))
-    return pa.Table.from_arrays(columns, schema=state_schema(state_names))
+    columns += [pa.array([s.model_fingerprint for s in states], pa.string()),
+                pa.array([s.applied_digests for s in states], pa.binary()),
+                pa.array([s.closed for s in states], pa.bool_()),
+                pa.array([s.last_run_number for s in states], pa.int64()),
+                pa.array([s.last_touched_at for s in states], pa.timestamp("s", tz="UTC"))]
+    if end_reasons is not None:
+        columns.append(pa.array(list(end_reasons), pa.string()))
+    return pa.Table.from_arrays(columns, schema=state_schema(state_names,
+                                                             final=end_reasons is not None))
 
 
 def states_from_table(table: pa.Table, state_names: Sequence[str],
@@ -209,10 +300,12 @@ def states_from_table(table: pa.Table, state_names: Sequence[str],
         offsets = column.offsets.to_numpy()
         values = column.values.to_numpy(zero_copy_only=False)
         parts.append([values[offsets[i]:offsets[i + 1]] for i in range(len(column))])
+    columns = [table.column(name).to_pylist() for name in (
+        "sequence_id", "next_chunk_index", "steps_seen", "model_fingerprint",
+        "applied_digests", "closed", "last_run_number")]
+    touched = table.column("last_touched_at").cast(pa.int64()).to_pylist()
     return [CarriedState(sequence_id, int(next_index), int(steps),
-                         tuple(part[row] for part in parts), fingerprint)
-            for row, (sequence_id, next_index, steps, fingerprint) in enumerate(zip(
-                table.column("sequence_id").to_pylist(),
-                table.column("next_chunk_index").to_pylist(),
-                table.column("steps_seen").to_pylist(),
-                table.column("model_fingerprint").to_pylist()))]
+                         tuple(part[row] for part in parts), fingerprint, digests, bool(closed),
+                         int(run_number), int(touched[row]))
+            for row, (sequence_id, next_index, steps, fingerprint, digests, closed,
+                      run_number) in enumerate(zip(*columns))]

@@ -11,7 +11,7 @@ from pipeline import results, storage
 from pipeline.build import run_job
 from pipeline.demo import make_model, write_chunk_files
 from pipeline.options import InputError, RunConfig
-from schemas import Chunk, ContractError, states_from_table
+from schemas import Chunk, states_from_table
 from transforms.model import ModelError
 from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
@@ -53,7 +53,8 @@ def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, beam_ar
     total_chunks = workload[3]
     assert sum(r["chunks_read"] for r in reports) == total_chunks
     assert sum(r["chunks_processed"] for r in reports) == total_chunks
-    assert all(r["chunks_held_out"] == 0 for r in reports)
+    assert all(r["chunks_deferred"] == r["chunks_skipped_duplicate"] == r["chunks_rejected"]
+               == r["chunks_pending_total"] == 0 for r in reports)
     assert [r["parent"] for r in reports] == [None, "run-1", "run-2"]
     assert reports[-1]["sequences_live"] == len(workload[1])
     assert sum(r["steps_processed"] for r in reports) == sum(map(len, workload[1].values()))
@@ -82,7 +83,7 @@ def write_chunks(directory, chunks):
     return str(directory)
 
 
-def test_out_of_order_chunks_are_held_out_and_never_touch_the_state(workload, tmp_path):
+def test_deferred_chunks_wait_for_the_gap_and_duplicates_are_skipped(workload, tmp_path):
     model = workload[0]
     features = np.random.default_rng(3).normal(size=(9, 3)).astype(np.float32)
     chunks = [Chunk("g", i, features[3 * i:3 * i + 3]) for i in range(3)]
@@ -92,17 +93,19 @@ def test_out_of_order_chunks_are_held_out_and_never_touch_the_state(workload, tm
         return run_job(RunConfig(model, write_chunks(tmp_path / name, batch), state, outputs,
                                  run_id=name), IN_PROCESS)
 
-    first = run("first", [chunks[0], chunks[2]])  # chunk 1 missing: 2 is held out
-    second = run("second", [chunks[1], chunks[0], chunks[1]])  # one new, two repeats
+    first = run("first", [chunks[0], chunks[2]])  # chunk 1 missing: 2 waits
+    assert (first["chunks_processed"], first["chunks_deferred"]) == (1, 1)
+    assert first["chunks_pending_total"] == 1
+    assert results.committed_states(state)["g"].steps_seen == 3
+    second = run("second", [chunks[1], chunks[0], chunks[1]])  # the gap, and two repeats
+    assert (second["chunks_processed"], second["chunks_skipped_duplicate"]) == (1, 2)
+    assert (second["pending_applied"], second["chunks_pending_total"]) == (1, 0)
 
-    assert (first["chunks_processed"], first["chunks_held_out_by_reason"]) == (1, {"gap": 1})
-    assert second["chunks_processed"] == 1
-    assert second["chunks_held_out_by_reason"] == {"already_applied": 1, "repeated_in_run": 1}
-    expected_outputs, expected_states = keras_whole_sequence(model)(features[:6])
+    expected_outputs, expected_states = keras_whole_sequence(model)(features)
     np.testing.assert_allclose(results.committed_outputs(state)["g"], expected_outputs,
                                atol=1e-5)
     carried = results.committed_states(state)["g"]
-    assert (carried.next_chunk_index, carried.steps_seen) == (2, 6)
+    assert (carried.next_chunk_index, carried.steps_seen) == (3, 9)
     for got, want in zip(carried.tensors, expected_states):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -113,11 +116,14 @@ def test_a_failed_run_commits_nothing(workload, tmp_path):
     good = [Chunk("a", 0, np.ones((2, 3), np.float32))]
     run_job(RunConfig(model, write_chunks(tmp_path / "good", good), state, outputs,
                       run_id="good"), IN_PROCESS)
-    wrong_width = [Chunk("a", 1, np.ones((2, 5), np.float32))]
-    with pytest.raises(Exception) as failure:
-        run_job(RunConfig(model, write_chunks(tmp_path / "bad", wrong_width), state, outputs,
-                          run_id="bad"), IN_PROCESS)
-    assert "model needs [steps >= 1, 3]" in str(failure.value)
+    os.environ[storage.FAULT_ENV] = "mid_compute:raise"
+    try:
+        with pytest.raises(Exception, match="injected fault at mid_compute"):
+            next_chunk = [Chunk("a", 1, np.ones((2, 3), np.float32))]
+            run_job(RunConfig(model, write_chunks(tmp_path / "bad", next_chunk), state,
+                              outputs, run_id="bad"), IN_PROCESS)
+    finally:
+        del os.environ[storage.FAULT_ENV]
     assert storage.StateStore(state).current().run_id == "good"
     assert not os.path.exists(storage.StateStore(state).manifest_url("bad"))
 
@@ -127,12 +133,24 @@ def test_state_from_another_model_is_refused(workload, tmp_path):
     chunks = write_chunks(tmp_path / "c", [Chunk("a", 0, np.ones((2, 3), np.float32))])
     run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
     other = make_model(str(tmp_path / "other.keras"), 3, (8, 6), 2, seed=99)
-    with pytest.raises(ModelError, match="was written by model sha256:"):
+    with pytest.raises(ModelError, match="was written by model sha256:.*--reset-state"):
         run_job(RunConfig(other, chunks, state, outputs, run_id="two"), IN_PROCESS)
     assert storage.StateStore(state).current().run_id == "one"
 
+    # --reset-state: the sequence restarts from zeros under the new model, and goes on
+    # with its chunk numbering.
+    more = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    run_job(RunConfig(other, write_chunks(tmp_path / "next", [Chunk("a", 1, more)]), state,
+                      outputs, run_id="two", reset_state=True), IN_PROCESS)
+    carried = results.committed_states(state)["a"]
+    expected_outputs, expected_states = keras_whole_sequence(other)(more)
+    assert (carried.next_chunk_index, carried.steps_seen) == (2, 6)
+    assert carried.model_fingerprint == storage.StateStore(state).committed().model_fingerprint
+    for got, want in zip(carried.tensors, expected_states):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
-def test_reused_run_id_and_empty_input_are_refused(workload, tmp_path):
+
+def test_reused_run_id_and_empty_input_are_refused_a_bad_file_is_dead_lettered(workload, tmp_path):
     state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
     chunks = write_chunks(tmp_path / "c", [Chunk("a", 0, np.ones((2, 3), np.float32))])
     run_job(RunConfig(workload[0], chunks, state, outputs, run_id="one"), IN_PROCESS)
@@ -144,8 +162,9 @@ def test_reused_run_id_and_empty_input_are_refused(workload, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.table({"sequence_id": ["a"]}), str(bad / "x.parquet"))
-    with pytest.raises(ContractError, match="missing column"):
-        run_job(RunConfig(workload[0], str(bad), state, outputs, run_id="three"), IN_PROCESS)
+    report = run_job(RunConfig(workload[0], str(bad), state, outputs, run_id="three"),
+                     IN_PROCESS)
+    assert report["chunks_rejected_by_reason"] == {"missing_column": 1}
 
 
 @pytest.mark.parametrize("args, runner", [

@@ -17,14 +17,15 @@ def test_chunks_round_trip_with_different_step_counts():
     assert [(c.sequence_id, c.chunk_index) for c in back] == [("s1", 1), ("s2", 2)]
     for got, want in zip(back, chunks[1:]):
         np.testing.assert_array_equal(got.features, want.features)
+    assert [c.is_last for c in back] == [False, False]
 
 
-def test_compatible_types_are_cast_and_extra_columns_ignored():
-    table = pa.table({"sequence_id": ["a"], "chunk_index": pa.array([0], pa.int32()),
-                      "features": pa.array([[[1.0, 2.0]]], pa.list_(pa.list_(pa.float64()))),
-                      "note": ["x"]})
-    (chunk,) = chunks_from_table(table, "t")
-    assert chunk.features.dtype == np.float32 and chunk.features.shape == (1, 2)
+def test_pending_chunks_round_trip_with_their_provenance():
+    chunks = [Chunk("a", 4, np.ones((2, 3), np.float32), True, "run-1", "in.parquet", 7)]
+    (back,) = chunks_from_table(chunks_to_table(chunks, pending=True), "t", pending=True)
+    assert (back.is_last, back.arrived_in_run, back.source, back.row) == \
+        (True, "run-1", "in.parquet", 7)
+    assert back.digest == chunks[0].digest != Chunk("a", 4, np.ones((2, 3)), False).digest
 
 
 def test_missing_column_is_named():
@@ -33,23 +34,18 @@ def test_missing_column_is_named():
         chunks_from_table(table, "f.parquet")
 
 
-def test_ragged_inner_rows_are_refused():
-    table = pa.table({"sequence_id": ["a"], "chunk_index": [0],
-                      "features": [[[1.0, 2.0], [3.0]]]})
-    with pytest.raises(ContractError, match="inner lists of different lengths"):
-        chunks_from_table(table, "f.parquet")
-
-
 def test_states_round_trip():
     names = ("layer0_h", "layer0_c")
     states = [CarriedState(f"s{i}", i + 1, 10 * i,
-                           (np.full(4, i, np.float32), np.arange(4, dtype=np.float32)), "fp")
+                           (np.full(4, i, np.float32), np.arange(4, dtype=np.float32)), "fp",
+                           bytes([i]) * 8 * i, i == 2, 3 + i, 1_700_000_000 + i)
               for i in range(3)]
     table = states_to_table(states, names)
     assert table.schema.equals(state_schema(names))
     back = states_from_table(table, names, "t")
     for got, want in zip(back, states):
-        assert (got.sequence_id, got.next_chunk_index, got.steps_seen, got.model_fingerprint) \
-            == (want.sequence_id, want.next_chunk_index, want.steps_seen, "fp")
+        fields = ("sequence_id", "next_chunk_index", "steps_seen", "model_fingerprint",
+                  "applied_digests", "closed", "last_run_number", "last_touched_at")
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
         for a, b in zip(got.tensors, want.tensors):
             np.testing.assert_array_equal(a, b)

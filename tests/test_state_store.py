@@ -82,7 +82,7 @@ def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed
     report = run_job(rerun, IN_PROCESS)
     if committed:
         assert report["chunks_processed"] == 0
-        assert report["chunks_held_out_by_reason"] == {"already_applied": report["chunks_read"]}
+        assert report["chunks_skipped_duplicate"] == report["chunks_read"]
     run_job(config(workload, tmp_path, 2), IN_PROCESS)
     assert final_state(state) == never_failed[0]
     assert_same_outputs(results.committed_outputs(state), never_failed[1])
@@ -204,15 +204,18 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
 
 def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_path):
     from schemas import CarriedState, ChunkOutput
-    from transforms.dofns import WriteOutputPart, WriteStateShard
+    from transforms.dofns import WriteOutputPart, WriteSnapshotShard
 
     states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
     outputs = [ChunkOutput(f"s{i}", 0, np.full((3, 2), i, np.float32)) for i in (1, 0)]
-    writers = [(WriteStateShard(str(tmp_path / "state"), "r", 1, ("layer0_h",)), (0, states)),
-               (WriteOutputPart(str(tmp_path / "out"), "r"), ("00000-0000", outputs))]
+    writers = [
+        (WriteSnapshotShard(str(tmp_path / "state"), "r", 1, ("layer0_h",)),
+         lambda order: (0, {"states": order(states), "pending": []})),
+        (WriteOutputPart(str(tmp_path / "out"), "r"),
+         lambda order: ("00000-0000", order(outputs)))]
     for writer, element in writers:
-        first = list(writer.process(element))
-        retried = list(writer.process((element[0], list(reversed(element[1])))))
+        first = list(writer.process(element(list)))
+        retried = list(writer.process(element(lambda items: list(reversed(items)))))
         assert first == retried  # same path, rows and sha256, whatever the element order
-        (kind, record), = first
+        (record,) = [payload for kind, payload in first if kind.endswith("_files")]
         assert os.listdir(os.path.dirname(record.path)) == [os.path.basename(record.path)]

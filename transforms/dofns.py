@@ -20,13 +20,22 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline import storage
-from schemas import (CarriedState, ChunkOutput, ContractError, chunks_from_table,
-                     outputs_to_table, states_from_table, states_to_table)
-from transforms.sequencing import plan_sequence, split_into_batches, stable_bucket
+from schemas import (CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_from_table,
+                     chunks_to_table, dead_letters_to_table, outputs_to_table,
+                     states_from_table, states_to_table)
+from schemas.validation import chunk_dead_letter, validate_chunks
+from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, split_into_batches,
+                                   stable_bucket)
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"
-COUNTS, STATE_FILE, OUTPUT_FILE, HELD_OUT = "counts", "state_file", "output_file", "held_out"
+COUNTS = "counts"
+# Kinds of files a run writes; each is a list of records in the manifest.
+STATE_FILE, PENDING_FILE, OUTPUT_FILE = "state_files", "pending_files", "output_files"
+DEAD_LETTER_FILE, FINAL_STATE_FILE = "dead_letter_files", "final_state_files"
+FILE_KINDS = (STATE_FILE, PENDING_FILE, OUTPUT_FILE, DEAD_LETTER_FILE, FINAL_STATE_FILE)
+# Dead letters and final states are rare: a few files per run are enough.
+SMALL_OUTPUT_SHARDS = 4
 
 
 def _ledger(kind: str, payload) -> beam.pvalue.TaggedOutput:
@@ -34,71 +43,90 @@ def _ledger(kind: str, payload) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(LEDGER, (kind, payload))
 
 
-def _count(name: str, value: int) -> None:
-    Metrics.counter(METRICS_NAMESPACE, name).inc(value)
+def _counts(counts: dict[str, int]) -> beam.pvalue.TaggedOutput:
+    """Counts for the report, also kept as Beam metrics counters."""
+    for name, value in counts.items():
+        Metrics.counter(METRICS_NAMESPACE, name).inc(value)
+    return _ledger(COUNTS, counts)
 
 
 class ReadChunkFile(beam.DoFn):
-    """A chunk file's URL -> ``(sequence_id, Chunk)`` for each of its rows."""
+    """An input file's URL -> ``(sequence_id, Chunk)`` for each valid row; a
+    :class:`DeadLetter` (``dead_letters``) for each invalid one."""
 
-    def __init__(self, input_dim: int):
+    def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str):
         self._input_dim = input_dim
+        self._allow_non_finite = allow_non_finite
+        self._run_id = run_id
 
     def process(self, url: str):
-        chunks = chunks_from_table(storage.read_table(url), url)
+        chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
+                                          self._allow_non_finite, self._run_id)
         for chunk in chunks:
-            if chunk.steps == 0 or chunk.features.shape[1] != self._input_dim:
-                raise ContractError(
-                    f"{url}: chunk {chunk.chunk_index} of sequence {chunk.sequence_id!r} has "
-                    f"features of shape {list(chunk.features.shape)}; the model needs "
-                    f"[steps >= 1, {self._input_dim}]")
             yield chunk.sequence_id, chunk
-        _count("chunks_read", len(chunks))
-        yield _ledger(COUNTS, {"chunks_read": len(chunks),
-                               "steps_read": sum(c.steps for c in chunks)})
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput("dead_letters", letter)
+        counts = collections.Counter({"chunks_read": len(chunks) + len(letters)})
+        for letter in letters:
+            counts[REJECTED] += 1
+            counts[f"{REJECTED}_{letter.reason}"] += 1
+        yield _counts(dict(counts))
 
 
-class ReadStateFile(beam.DoFn):
-    """A snapshot file's record -> ``(sequence_id, CarriedState)`` for each of its rows,
-    after checking the file against its manifest record (sha256, rows)."""
+class ReadSnapshotFile(beam.DoFn):
+    """A snapshot file ``(kind, record)`` -> ``(sequence_id, CarriedState)`` for state
+    files, ``(sequence_id, Chunk)`` (``pending``) for pending files, after checking
+    the file against its manifest record (sha256, rows)."""
 
     def __init__(self, state_names: Sequence[str]):
         self._state_names = tuple(state_names)
 
-    def process(self, record: storage.FileRecord):
+    def process(self, element: tuple[str, storage.FileRecord]):
+        kind, record = element
         table = storage.read_table(record.path, record)
-        for state in states_from_table(table, self._state_names, record.path):
-            yield state.sequence_id, state
+        if kind == PENDING_FILE:
+            for chunk in chunks_from_table(table, record.path, pending=True):
+                yield beam.pvalue.TaggedOutput("pending", (chunk.sequence_id, chunk))
+        else:
+            for state in states_from_table(table, self._state_names, record.path):
+                yield state.sequence_id, state
 
 
 class PlanSequence(beam.DoFn):
-    """``(sequence_id, {'chunks', 'states'})`` -> work to apply now (main output),
-    unchanged states (``unchanged``) and held-out chunks (ledger)."""
+    """``(sequence_id, {'states', 'pending', 'chunks'})`` -> work to apply now (main),
+    and ``unchanged`` states, ``pending`` chunks, ``dead_letters``, ``ended`` final
+    states and counts (ledger)."""
 
-    def __init__(self, zero_state, model_fingerprint: str):
-        self._zero_state = zero_state
-        self._fingerprint = model_fingerprint
+    def __init__(self, planner: Planner):
+        self._planner = planner
 
     def process(self, element):
         sequence_id, grouped = element
         carried = list(grouped["states"])
         if len(carried) > 1:
-            raise ContractError(f"the snapshot holds {len(carried)} states for sequence "
-                                f"{sequence_id!r}; it must hold at most one")
-        plan = plan_sequence(sequence_id, carried[0] if carried else None, grouped["chunks"],
-                             self._zero_state, self._fingerprint)
-        for chunk, reason in plan.held_out:
-            _count(f"chunks_held_out_{reason}", 1)
-            yield _ledger(HELD_OUT, (chunk.sequence_id, chunk.chunk_index, reason))
+            raise storage.IntegrityError(f"the snapshot holds {len(carried)} states for "
+                                         f"sequence {sequence_id!r}; it must hold at most one")
+        plan = self._planner.plan(sequence_id, carried[0] if carried else None,
+                                  grouped["pending"], grouped["chunks"])
+        for chunk, reason, message in plan.rejected:
+            yield beam.pvalue.TaggedOutput("dead_letters",
+                                           chunk_dead_letter(chunk, reason, message))
+        for chunk in plan.pending:
+            yield beam.pvalue.TaggedOutput("pending", chunk)
+        if plan.ended:
+            yield beam.pvalue.TaggedOutput("ended", plan.ended)
         if plan.work is not None:
             yield plan.work
-        else:
+        elif plan.unchanged is not None:
             yield beam.pvalue.TaggedOutput("unchanged", plan.unchanged)
+        if plan.counts:
+            yield _counts(plan.counts)
 
 
 class RunBatches(beam.DoFn):
     """``(bucket, [SequenceWork])`` -> new states (main output), per-batch outputs
-    ``(part, [ChunkOutput])`` (``outputs``) and counts (ledger).
+    ``(part, [ChunkOutput])`` (``outputs``), final states of sequences that reached
+    their last chunk (``ended``) and counts (ledger).
 
     The model is loaded once per process through Beam's ``Shared``; each bundle opens
     a session on it.
@@ -128,11 +156,10 @@ class RunBatches(beam.DoFn):
             yield beam.pvalue.TaggedOutput("outputs", (f"{bucket:05d}-{number:04d}",
                                                        result.outputs))
             yield from result.states
-            _count("chunks_processed", len(result.outputs))
-            _count("sequences_touched", len(batch))
-            yield _ledger(COUNTS, {"chunks_processed": len(result.outputs),
-                                   "sequences_touched": len(batch),
-                                   "steps_processed": result.steps, "batches": 1})
+            for state in result.ended:
+                yield beam.pvalue.TaggedOutput("ended", (state, END_IS_LAST))
+            yield _counts({"sequences_touched": len(batch), "steps_processed": result.steps,
+                           "batches": 1})
 
     def finish_bundle(self):
         self._session.close()
@@ -149,12 +176,13 @@ class WriteOutputPart(beam.DoFn):
     def process(self, element: tuple[str, Sequence[ChunkOutput]]):
         part, outputs = element
         ordered = sorted(outputs, key=lambda o: (o.sequence_id, o.chunk_index))
-        url = storage.outputs_part_url(self._outputs_url, self._run_id, part)
+        url = storage.run_file_url(self._outputs_url, self._run_id, "", part)
         yield OUTPUT_FILE, storage.write_table(url, outputs_to_table(ordered))
 
 
-class WriteStateShard(beam.DoFn):
-    """``(shard, [CarriedState])`` -> one snapshot file; emits its ledger entry."""
+class WriteSnapshotShard(beam.DoFn):
+    """``(shard, {'states', 'pending'})`` -> the shard's state file and pending file
+    (each only if it has rows); emits their ledger entries."""
 
     def __init__(self, state_url: str, run_id: str, shards: int, state_names: Sequence[str]):
         self._store = storage.StateStore(state_url)
@@ -162,21 +190,67 @@ class WriteStateShard(beam.DoFn):
         self._shards = shards
         self._state_names = tuple(state_names)
 
-    def process(self, element: tuple[int, Iterable[CarriedState]]):
-        shard, states = element
-        ordered = sorted(states, key=lambda s: s.sequence_id)
-        url = self._store.state_file_url(self._run_id, shard, self._shards)
-        yield STATE_FILE, storage.write_table(url, states_to_table(ordered, self._state_names))
-        storage.fault_point("after_state_file")
+    def process(self, element):
+        shard, grouped = element
+        states = sorted(grouped["states"], key=lambda s: s.sequence_id)
+        pending = sorted(grouped["pending"], key=lambda c: (c.sequence_id, c.chunk_index))
+        closed = sum(state.closed for state in states)
+        yield COUNTS, {"sequences_live": len(states) - closed, "sequences_closed": closed}
+        if states:
+            url = self._store.snapshot_file_url(self._run_id, "state", shard, self._shards)
+            yield STATE_FILE, storage.write_table(url, states_to_table(states,
+                                                                       self._state_names))
+            storage.fault_point("after_state_file")
+        if pending:
+            url = self._store.snapshot_file_url(self._run_id, "pending", shard, self._shards)
+            yield PENDING_FILE, storage.write_table(url, chunks_to_table(pending, pending=True))
+
+
+class WriteDeadLetters(beam.DoFn):
+    """``(shard, [DeadLetter])`` -> ``<outputs>/<run_id>/dead_letters/part-*.parquet``."""
+
+    def __init__(self, outputs_url: str, run_id: str):
+        self._outputs_url = outputs_url
+        self._run_id = run_id
+
+    def process(self, element: tuple[int, Iterable[DeadLetter]]):
+        shard, letters = element
+        ordered = sorted(letters, key=lambda d: (d.source, d.row if d.row is not None else -1,
+                                                 d.sequence_id or "", d.chunk_index or -1,
+                                                 d.reason))
+        url = storage.run_file_url(self._outputs_url, self._run_id, "dead_letters",
+                                   f"{shard:05d}")
+        yield DEAD_LETTER_FILE, storage.write_table(url, dead_letters_to_table(ordered))
+
+
+class WriteFinalStates(beam.DoFn):
+    """``(shard, [(CarriedState, end_reason)])`` -> ``<outputs>/<run_id>/final_states/``."""
+
+    def __init__(self, outputs_url: str, run_id: str, state_names: Sequence[str]):
+        self._outputs_url = outputs_url
+        self._run_id = run_id
+        self._state_names = tuple(state_names)
+
+    def process(self, element):
+        shard, ended = element
+        ordered = sorted(ended, key=lambda pair: pair[0].sequence_id)
+        table = states_to_table([state for state, _ in ordered], self._state_names,
+                                end_reasons=[reason for _, reason in ordered])
+        url = storage.run_file_url(self._outputs_url, self._run_id, "final_states",
+                                   f"{shard:05d}")
+        yield FINAL_STATE_FILE, storage.write_table(url, table)
+        yield COUNTS, dict(collections.Counter(f"sequences_ended_{reason}"
+                                               for _, reason in ordered))
 
 
 class WriteManifest(beam.DoFn):
     """All ledger entries -> the run's manifest (not yet committed)."""
 
-    def __init__(self, state_url: str, run_id: str, parent: str | None,
+    def __init__(self, state_url: str, run_id: str, run_number: int, parent: str | None,
                  model_fingerprint: str, state_names: Sequence[str]):
         self._state_url = state_url
         self._run_id = run_id
+        self._run_number = run_number
         self._parent = parent
         self._fingerprint = model_fingerprint
         self._state_names = tuple(state_names)
@@ -188,37 +262,38 @@ class WriteManifest(beam.DoFn):
         for kind, payload in entries:
             if kind == COUNTS:
                 counts.update(payload)
-            elif kind == HELD_OUT:
-                counts[f"chunks_held_out_{payload[2]}"] += 1
-                counts["chunks_held_out"] += 1
             else:
                 files[kind].append(payload)
         manifest = storage.Manifest(
-            run_id=self._run_id, parent=self._parent,
+            run_id=self._run_id, run_number=self._run_number, parent=self._parent,
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             model_fingerprint=self._fingerprint, state_names=self._state_names,
-            state_files=tuple(sorted(files[STATE_FILE], key=lambda r: r.path)),
-            output_files=tuple(sorted(files[OUTPUT_FILE], key=lambda r: r.path)),
-            counts=dict(counts))
+            counts=dict(counts),
+            **{kind: tuple(sorted(files[kind], key=lambda r: r.path)) for kind in FILE_KINDS})
         storage.StateStore(self._state_url).write_manifest(manifest)
         storage.fault_point("after_manifest")
         yield manifest.run_id
 
 
-class ApplyChunks(beam.PTransform):
-    """Join chunks with carried states, order them, and run the model in batches.
+def _shard_by_sequence(shards: int):
+    return lambda item: (stable_bucket(item.sequence_id, shards), item)
 
-    Input: ``{'chunks': (sequence_id, Chunk), 'states': (sequence_id, CarriedState)}``.
-    Output: ``{'states': every live CarriedState after this run,
-    'outputs': (part, [ChunkOutput]), 'ledger': ledger entries}``.
+
+class ApplyChunks(beam.PTransform):
+    """Join chunks with carried states and pending chunks, plan every sequence, and
+    run the model in batches.
+
+    Input: ``{'chunks', 'states', 'pending'}``, each keyed by sequence_id.
+    Output: ``{'states': every sequence's CarriedState after this run, 'pending': Chunks
+    still deferred, 'outputs': (part, [ChunkOutput]), 'dead_letters', 'ended':
+    (CarriedState, end_reason), 'ledger'}``.
     """
 
-    def __init__(self, model_path: str, zero_state, model_fingerprint: str,
-                 batch_size: int, window_steps: int):
+    def __init__(self, model_path: str, planner: Planner, batch_size: int,
+                 window_steps: int):
         super().__init__()
         self._model_path = model_path
-        self._zero_state = zero_state
-        self._fingerprint = model_fingerprint
+        self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
 
@@ -226,9 +301,8 @@ class ApplyChunks(beam.PTransform):
         planned = (
             inputs
             | "JoinWithState" >> beam.CoGroupByKey()
-            | "PlanSequences" >> beam.ParDo(
-                PlanSequence(self._zero_state, self._fingerprint)).with_outputs(
-                    "unchanged", LEDGER, main="work"))
+            | "PlanSequences" >> beam.ParDo(PlanSequence(self._planner)).with_outputs(
+                "unchanged", "pending", "dead_letters", "ended", LEDGER, main="work"))
         # Deterministic buckets sized from the exact number of sequences with work,
         # about four batches each, so batches come out full and evenly sized.
         work_count = planned.work | "CountWork" >> beam.combiners.Count.Globally()
@@ -242,8 +316,12 @@ class ApplyChunks(beam.PTransform):
             | "GroupIntoBuckets" >> beam.GroupByKey()
             | "RunBatches" >> beam.ParDo(RunBatches(
                 self._model_path, self._batch_size, self._window_steps)).with_outputs(
-                    "outputs", LEDGER, main="states"))
-        states = ((computed.states, planned.unchanged)
-                  | "AllLiveStates" >> beam.Flatten())
-        ledger = ((planned[LEDGER], computed[LEDGER]) | "ApplyLedger" >> beam.Flatten())
-        return {"states": states, "outputs": computed.outputs, "ledger": ledger}
+                    "outputs", "ended", LEDGER, main="states"))
+        return {
+            "states": (computed.states, planned.unchanged) | "AllStates" >> beam.Flatten(),
+            "pending": planned.pending,
+            "outputs": computed.outputs,
+            "dead_letters": planned.dead_letters,
+            "ended": (planned.ended, computed.ended) | "AllEnded" >> beam.Flatten(),
+            "ledger": (planned[LEDGER], computed[LEDGER]) | "ApplyLedger" >> beam.Flatten(),
+        }

@@ -1,8 +1,9 @@
 """Per-sequence planning and batched execution: pure functions the DoFns wrap.
 
-:func:`plan_sequence` decides, for one sequence, which of this run's chunks are
-applied now (a contiguous run of indexes from the carried ``next_chunk_index``) and
-which are held out (and why), so a chunk out of order never touches the state.
+:class:`Planner` decides, for one sequence, what happens to every chunk read in this
+run (applied now, deferred until a missing earlier chunk arrives, skipped as an exact
+duplicate, or rejected with a reason) and which pending chunks can now be applied.
+A chunk is never applied out of order, so nothing out of order touches the state.
 
 :func:`run_batch` runs many sequences' planned work together through the
 :class:`~transforms.kernel.StepKernel` and turns the padded result back into
@@ -10,19 +11,27 @@ per-chunk outputs and new carried states.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from schemas import CarriedState, Chunk, ChunkOutput
+from schemas import DIGEST_BYTES, CarriedState, Chunk, ChunkOutput
 
-# Why a chunk was held out of this run (a report counter per reason).
-HELD_OUT_GAP = "gap"                      # an earlier chunk of its sequence is missing
-HELD_OUT_ALREADY_APPLIED = "already_applied"  # its index is below next_chunk_index
-HELD_OUT_REPEATED = "repeated_in_run"     # the same index appears twice in this run
-HELD_OUT_REASONS = (HELD_OUT_GAP, HELD_OUT_ALREADY_APPLIED, HELD_OUT_REPEATED)
+# What happens to a chunk read in this run: the report's categories.
+PROCESSED, DEFERRED, SKIPPED = "chunks_processed", "chunks_deferred", "chunks_skipped_duplicate"
+REJECTED = "chunks_rejected"  # counted as chunks_rejected_<reason> too
+# Reasons decided per sequence (read-time reasons are in schemas.validation).
+CONFLICTING_DUPLICATE = "conflicting_duplicate"    # same index, different content
+DUPLICATE_UNVERIFIABLE = "duplicate_unverifiable"  # applied too long ago to compare
+SEQUENCE_CLOSED = "sequence_closed"                # after is_last, or after expiry
+PLAN_REASONS = (CONFLICTING_DUPLICATE, DUPLICATE_UNVERIFIABLE, SEQUENCE_CLOSED)
+# Why a sequence's final state is reported.
+END_IS_LAST, END_EXPIRED = "is_last", "expired"
+# Applied chunks whose content digest is remembered, per sequence.
+DIGEST_WINDOW = 1024
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,39 +49,147 @@ class SequenceWork:
 class SequencePlan:
     """What happens to one sequence in this run.
 
-    Exactly one of ``work`` (chunks to apply) and ``unchanged`` (state kept as is) is set.
+    At most one of ``work`` (chunks to apply) and ``unchanged`` (state kept without
+    compute) is set; neither for a sequence whose every chunk was rejected and that
+    had no state. ``pending`` is what the new snapshot keeps deferred; ``rejected`` holds
+    (chunk, reason, message) for dead letters; ``ended`` a final state to report.
+    ``counts`` counts this run's chunks per category, plus ``pending_applied`` and
+    ``pending_rejected`` for chunks deferred by earlier runs.
     """
     work: SequenceWork | None
     unchanged: CarriedState | None
-    held_out: tuple[tuple[Chunk, str], ...]
+    pending: tuple[Chunk, ...]
+    rejected: tuple[tuple[Chunk, str, str], ...]
+    ended: tuple[CarriedState, str] | None
+    counts: dict[str, int]
 
 
-def plan_sequence(sequence_id: str, carried: CarriedState | None, chunks: Iterable[Chunk],
-                  zero_state: tuple[np.ndarray, ...], model_fingerprint: str) -> SequencePlan:
-    """Order one sequence's new chunks and split them into applied and held out.
+def tombstone(state: CarriedState) -> CarriedState:
+    """A closed sequence's row: no recurrent state, bookkeeping kept (late duplicates)."""
+    return dataclasses.replace(state, closed=True,
+                               tensors=tuple(np.zeros(0, np.float32) for _ in state.tensors))
 
-    A sequence without carried state starts at chunk 0 from ``zero_state``.
+
+@dataclasses.dataclass(frozen=True)
+class Planner:
+    """The per-sequence rules of one run (picklable; used inside a Beam DoFn).
+
+    ``reset_state``: carried state written by another model restarts from zeros.
+    ``expire_after_runs`` / ``expire_after_seconds``: a sequence with no chunk for that
+    long is ended: its final state is reported and it is closed.
     """
-    if carried is None:
-        carried = CarriedState(sequence_id, 0, 0, zero_state, model_fingerprint)
-    expected = carried.next_chunk_index
-    applied: list[Chunk] = []
-    held_out: list[tuple[Chunk, str]] = []
-    seen: set[int] = set()
-    for chunk in sorted(chunks, key=lambda c: c.chunk_index):
-        if chunk.chunk_index in seen:
-            held_out.append((chunk, HELD_OUT_REPEATED))
-        elif chunk.chunk_index < carried.next_chunk_index:
-            held_out.append((chunk, HELD_OUT_ALREADY_APPLIED))
-        elif chunk.chunk_index == expected:
-            applied.append(chunk)
-            expected += 1
-        else:
-            held_out.append((chunk, HELD_OUT_GAP))
-        seen.add(chunk.chunk_index)
-    if applied:
-        return SequencePlan(SequenceWork(carried, tuple(applied)), None, tuple(held_out))
-    return SequencePlan(None, carried, tuple(held_out))
+    run_id: str
+    run_number: int
+    started_at: int
+    zero_state: tuple[np.ndarray, ...]
+    model_fingerprint: str
+    reset_state: bool = False
+    expire_after_runs: int | None = None
+    expire_after_seconds: int | None = None
+
+    def plan(self, sequence_id: str, carried: CarriedState | None,
+             pending: Iterable[Chunk], new: Iterable[Chunk]) -> SequencePlan:
+        new = sorted(new, key=lambda c: (c.chunk_index, c.digest))
+        counts: collections.Counter = collections.Counter()
+        rejected: list[tuple[Chunk, str, str]] = []
+
+        def reject(chunk: Chunk, reason: str, message: str, fresh: bool = True) -> None:
+            rejected.append((chunk, reason, message))
+            if fresh:
+                counts[REJECTED] += 1
+                counts[f"{REJECTED}_{reason}"] += 1
+            else:
+                counts["pending_rejected"] += 1
+
+        known_before = carried is not None
+        if carried is None:
+            carried = CarriedState(sequence_id, 0, 0, self.zero_state, self.model_fingerprint)
+        elif (self.reset_state and not carried.closed
+              and carried.model_fingerprint != self.model_fingerprint):
+            carried = dataclasses.replace(carried, tensors=self.zero_state,
+                                          model_fingerprint=self.model_fingerprint)
+        if carried.closed:
+            for chunk in new:
+                if carried.applied_digest(chunk.chunk_index) == chunk.digest:
+                    counts[SKIPPED] += 1
+                else:
+                    reject(chunk, SEQUENCE_CLOSED, f"sequence {sequence_id!r} is closed")
+            return SequencePlan(None, carried, (), tuple(rejected), None, dict(+counts))
+
+        candidates = {chunk.chunk_index: chunk for chunk in pending}
+        fresh: set[int] = set()  # ids of this run's chunks among the candidates
+        for index, group in _by_index(new):
+            if index < carried.next_chunk_index:
+                known = carried.applied_digest(index)
+                for chunk in group:
+                    if known == chunk.digest:
+                        counts[SKIPPED] += 1
+                    elif known is None:
+                        reject(chunk, DUPLICATE_UNVERIFIABLE, f"chunk {index} was applied "
+                               f"more than {DIGEST_WINDOW} chunks ago; cannot compare")
+                    else:
+                        reject(chunk, CONFLICTING_DUPLICATE, f"chunk {index} was already "
+                               "applied with different content")
+            elif index in candidates:
+                for chunk in group:
+                    if chunk.digest == candidates[index].digest:
+                        counts[SKIPPED] += 1
+                    else:
+                        reject(chunk, CONFLICTING_DUPLICATE, f"chunk {index} is already "
+                               "pending with different content")
+            elif len({chunk.digest for chunk in group}) > 1:
+                for chunk in group:
+                    reject(chunk, CONFLICTING_DUPLICATE, f"chunk {index} arrived "
+                           f"{len(group)} times in this run with different contents")
+            else:
+                candidates[index] = group[0]
+                fresh.add(id(group[0]))
+                counts[SKIPPED] += len(group) - 1
+
+        applied: list[Chunk] = []
+        while carried.next_chunk_index + len(applied) in candidates:
+            applied.append(candidates.pop(carried.next_chunk_index + len(applied)))
+            if applied[-1].is_last:
+                break
+        for chunk in applied:
+            counts[PROCESSED if id(chunk) in fresh else "pending_applied"] += 1
+        left = [candidates[index] for index in sorted(candidates)]
+        closes = bool(applied) and applied[-1].is_last
+        if closes:
+            for chunk in left:
+                reject(chunk, SEQUENCE_CLOSED, f"chunk {chunk.chunk_index} comes after the "
+                       f"last chunk {applied[-1].chunk_index}", fresh=id(chunk) in fresh)
+            left = []
+        counts[DEFERRED] += sum(id(chunk) in fresh for chunk in left)
+
+        if fresh:  # a chunk arrived: the sequence is not idle
+            carried = dataclasses.replace(carried, last_run_number=self.run_number,
+                                          last_touched_at=self.started_at)
+        if applied:
+            return SequencePlan(SequenceWork(carried, tuple(applied)), None, tuple(left),
+                                tuple(rejected), None, dict(+counts))
+        if not known_before and not left:
+            carried = None  # every chunk of a new sequence was rejected: no state row
+        ended = None
+        if carried is not None and not fresh and self._idle(carried):
+            ended = (carried, END_EXPIRED)
+            for chunk in left:
+                reject(chunk, SEQUENCE_CLOSED, "sequence expired", fresh=False)
+            carried, left = tombstone(carried), []
+        return SequencePlan(None, carried, tuple(left), tuple(rejected), ended, dict(+counts))
+
+    def _idle(self, state: CarriedState) -> bool:
+        idle_runs = self.run_number - state.last_run_number
+        idle_seconds = self.started_at - state.last_touched_at
+        return bool((self.expire_after_runs and idle_runs >= self.expire_after_runs)
+                    or (self.expire_after_seconds and idle_seconds >= self.expire_after_seconds))
+
+
+def _by_index(chunks: Sequence[Chunk]) -> list[tuple[int, list[Chunk]]]:
+    groups: dict[int, list[Chunk]] = collections.defaultdict(list)
+    for chunk in chunks:
+        groups[chunk.chunk_index].append(chunk)
+    return sorted(groups.items())
 
 
 def stable_bucket(sequence_id: str, buckets: int) -> int:
@@ -97,8 +214,11 @@ def split_into_batches(works: Sequence[SequenceWork],
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchResult:
+    """Per-chunk outputs; every sequence's new state (a tombstone for one that
+    reached its last chunk); and the final states of those that ended."""
     outputs: list[ChunkOutput]
     states: list[CarriedState]
+    ended: list[CarriedState]
     steps: int
 
 
@@ -117,15 +237,22 @@ def run_batch(kernel, works: Sequence[SequenceWork]) -> BatchResult:
                for part in range(len(stack.state_sizes))]
     outputs, final = kernel.run(inputs, lengths, initial)
 
-    chunk_outputs, states = [], []
+    chunk_outputs, states, ended = [], [], []
     for row, work in enumerate(works):
         start = 0
         for chunk in work.chunks:
             chunk_outputs.append(ChunkOutput(chunk.sequence_id, chunk.chunk_index,
                                              outputs[row, start:start + chunk.steps].copy()))
             start += chunk.steps
-        states.append(CarriedState(
-            work.carried.sequence_id, work.chunks[-1].chunk_index + 1,
-            work.carried.steps_seen + int(lengths[row]),
-            tuple(part[row].copy() for part in final), stack.fingerprint))
-    return BatchResult(chunk_outputs, states, int(lengths.sum()))
+        digests = work.carried.applied_digests + b"".join(c.digest for c in work.chunks)
+        state = dataclasses.replace(
+            work.carried, next_chunk_index=work.chunks[-1].chunk_index + 1,
+            steps_seen=work.carried.steps_seen + int(lengths[row]),
+            tensors=tuple(part[row].copy() for part in final),
+            model_fingerprint=stack.fingerprint,
+            applied_digests=digests[-DIGEST_WINDOW * DIGEST_BYTES:])
+        if work.chunks[-1].is_last:
+            ended.append(state)
+            state = tombstone(state)
+        states.append(state)
+    return BatchResult(chunk_outputs, states, ended, int(lengths.sum()))

@@ -1,0 +1,145 @@
+"""Validation of input chunk records: every row of an input file becomes either a
+:class:`~schemas.contract.Chunk` or a :class:`~schemas.contract.DeadLetter` with a
+stable reason code. Nothing here raises on bad data, so no bad record stops a run
+and none reaches the model.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.contract import Chunk, DeadLetter
+
+# Stable reason codes of records rejected when read (see README, "Input accounting").
+MISSING_COLUMN = "missing_column"          # the file lacks a required column
+WRONG_TYPE = "wrong_type"                  # a column has a type that cannot hold the data
+MISSING_SEQUENCE_ID = "missing_sequence_id"  # null or empty sequence_id
+INVALID_CHUNK_INDEX = "invalid_chunk_index"  # null or negative chunk_index
+EMPTY_FEATURES = "empty_features"          # null features, or zero steps
+NULL_VALUES = "null_values"                # a null step or a null value inside features
+RAGGED_FEATURES = "ragged_features"        # steps of different widths
+WRONG_INPUT_WIDTH = "wrong_input_width"    # width differs from the model's input width
+NON_FINITE = "non_finite"                  # NaN or +-Inf (unless allowed)
+READ_REASONS = (MISSING_COLUMN, WRONG_TYPE, MISSING_SEQUENCE_ID, INVALID_CHUNK_INDEX,
+                EMPTY_FEATURES, NULL_VALUES, RAGGED_FEATURES, WRONG_INPUT_WIDTH, NON_FINITE)
+
+_FLOAT32_MATRIX = pa.list_(pa.list_(pa.float32()))
+
+
+def record_json(record: dict) -> str:
+    """A record as JSON for a dead letter: lossless for floats, NaN/Infinity kept."""
+    return json.dumps(record, default=str, allow_nan=True)
+
+
+def chunk_dead_letter(chunk: Chunk, reason: str, message: str) -> DeadLetter:
+    """The dead letter of a valid chunk rejected later (duplicate, closed sequence)."""
+    return DeadLetter(chunk.source, chunk.row, chunk.sequence_id, chunk.chunk_index, reason,
+                      message, record_json({
+                          "sequence_id": chunk.sequence_id, "chunk_index": chunk.chunk_index,
+                          "features": chunk.features.tolist(), "is_last": chunk.is_last}))
+
+
+def _is_numeric_matrix(data_type: pa.DataType) -> bool:
+    def is_list(t):
+        return pa.types.is_list(t) or pa.types.is_large_list(t)
+    return (is_list(data_type) and is_list(data_type.value_type)
+            and (pa.types.is_floating(data_type.value_type.value_type)
+                 or pa.types.is_integer(data_type.value_type.value_type)))
+
+
+def validate_chunks(table: pa.Table, source: str, input_dim: int,
+                    allow_non_finite: bool = False,
+                    arrived_in_run: str = "") -> tuple[list[Chunk], list[DeadLetter]]:
+    """Split an input file's rows into valid chunks and dead letters.
+
+    Each row gets the first problem found, checked in the order of
+    :data:`READ_REASONS`. ``source`` names the file in every dead letter.
+    """
+    rows = table.num_rows
+    problems: list[tuple[str, str] | None] = [None] * rows
+
+    def reject(row: int, reason: str, message: str) -> None:
+        if problems[row] is None:
+            problems[row] = (reason, message)
+
+    def reject_all(reason: str, message: str) -> None:
+        for row in range(rows):
+            reject(row, reason, message)
+
+    def column(name: str, accepts: Callable[[pa.DataType], bool], expected: str):
+        if name not in table.column_names:
+            return None
+        data_type = table.schema.field(name).type
+        if not accepts(data_type):
+            reject_all(WRONG_TYPE, f"column {name} is {data_type}, expected {expected}")
+            return None
+        return table.column(name)
+
+    missing = [n for n in ("sequence_id", "chunk_index", "features")
+               if n not in table.column_names]
+    if missing:
+        reject_all(MISSING_COLUMN, f"missing column(s) {', '.join(missing)}; found "
+                                   f"{', '.join(table.column_names) or 'none'}")
+    ids = column("sequence_id", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+                 "string")
+    indexes = column("chunk_index", pa.types.is_integer, "int64")
+    features = column("features", _is_numeric_matrix, "list<list<float32>>")
+    is_last = column("is_last", pa.types.is_boolean, "bool")
+
+    ids = ids.to_pylist() if ids is not None else [None] * rows
+    indexes = indexes.to_pylist() if indexes is not None else [None] * rows
+    is_last = is_last.to_pylist() if is_last is not None else [False] * rows
+    for row in range(rows):
+        if not ids[row]:
+            reject(row, MISSING_SEQUENCE_ID, "sequence_id is null or empty")
+        if indexes[row] is None or indexes[row] < 0:
+            reject(row, INVALID_CHUNK_INDEX, f"chunk_index is {indexes[row]}; it must be an "
+                                             "integer >= 0")
+
+    matrices: list[np.ndarray | None] = [None] * rows
+    if features is not None:
+        matrix = features.cast(_FLOAT32_MATRIX).combine_chunks()
+        outer = matrix.offsets.to_numpy()
+        inner = matrix.values.offsets.to_numpy()
+        step_is_null = matrix.values.is_null().to_numpy(zero_copy_only=False)
+        value_is_null = matrix.values.values.is_null().to_numpy(zero_copy_only=False)
+        values = matrix.values.values.to_numpy(zero_copy_only=False)
+        row_is_null = matrix.is_null().to_numpy(zero_copy_only=False)
+        for row in range(rows):
+            first, last = outer[row], outer[row + 1]
+            if row_is_null[row] or last == first:
+                reject(row, EMPTY_FEATURES, "features is null or has no steps")
+                continue
+            begin, end = inner[first], inner[last]
+            if step_is_null[first:last].any() or value_is_null[begin:end].any():
+                reject(row, NULL_VALUES, "features holds a null step or value")
+                continue
+            widths = np.diff(inner[first:last + 1])
+            if (widths != widths[0]).any():
+                reject(row, RAGGED_FEATURES, f"features steps have different widths "
+                                             f"({sorted(set(widths.tolist()))})")
+                continue
+            if widths[0] != input_dim:
+                reject(row, WRONG_INPUT_WIDTH, f"features has width {widths[0]}; the model "
+                                               f"takes {input_dim}")
+                continue
+            data = values[begin:end].reshape(last - first, input_dim)
+            if not allow_non_finite and not np.isfinite(data).all():
+                reject(row, NON_FINITE, "features holds NaN or infinite values")
+                continue
+            matrices[row] = data
+
+    chunks, letters = [], []
+    for row in range(rows):
+        if problems[row] is None:
+            chunks.append(Chunk(ids[row], int(indexes[row]), matrices[row],
+                                bool(is_last[row]), arrived_in_run, source, row))
+        else:
+            reason, message = problems[row]
+            index = indexes[row] if isinstance(indexes[row], int) else None
+            letters.append(DeadLetter(source, row, ids[row] or None, index, reason, message,
+                                      record_json(table.slice(row, 1).to_pylist()[0])))
+    return chunks, letters
