@@ -109,14 +109,18 @@ def test_two_runs_from_the_same_state_one_commits_the_other_changes_nothing(
     assert not os.path.exists(store.report_url("second"))
 
 
-@pytest.mark.parametrize("contenders", [8])
-def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, contenders):
-    store = storage.StateStore(str(tmp_path / "state"))
-    for name in ["base"] + [f"run{i}" for i in range(contenders)]:
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, request, where):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    store = storage.StateStore(f"{root}/state")
+    names = ["base"] + [f"run{i}" for i in range(8)]
+    for name in names:
         storage.write_json(store.manifest_url(name), {"run_id": name})
     store.commit("base", "sha", None)
+    with pytest.raises(storage.StateConflictError, match="state moved from empty to base"):
+        store.commit("run0", "sha", None)  # create-only: CURRENT exists now
     base = store.current()
-    wins, barrier = [], threading.Barrier(contenders)
+    wins, barrier = [], threading.Barrier(len(names) - 1)
 
     def contend(name):
         barrier.wait()
@@ -126,7 +130,7 @@ def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, conte
         except storage.StateConflictError:
             pass
 
-    threads = [threading.Thread(target=contend, args=(f"run{i}",)) for i in range(contenders)]
+    threads = [threading.Thread(target=contend, args=(name,)) for name in names[1:]]
     for thread in threads:
         thread.start()
     for thread in threads:

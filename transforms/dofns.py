@@ -166,18 +166,28 @@ class RunBatches(beam.DoFn):
         self._session = None
 
 
-class WriteOutputPart(beam.DoFn):
-    """``(part, [ChunkOutput])`` -> one Parquet file; emits its ledger entry."""
+class _WriteRunFile(beam.DoFn):
+    """Base of the DoFns that write one Parquet file per element under
+    ``<outputs>/<run_id>/[folder/]``, named by the element's key."""
+
+    folder = ""
 
     def __init__(self, outputs_url: str, run_id: str):
         self._outputs_url = outputs_url
         self._run_id = run_id
 
+    def _write(self, kind: str, part: str, table) -> tuple[str, storage.FileRecord]:
+        url = storage.run_file_url(self._outputs_url, self._run_id, self.folder, part)
+        return kind, storage.write_table(url, table)
+
+
+class WriteOutputPart(_WriteRunFile):
+    """``(part, [ChunkOutput])`` -> one Parquet file; emits its ledger entry."""
+
     def process(self, element: tuple[str, Sequence[ChunkOutput]]):
         part, outputs = element
         ordered = sorted(outputs, key=lambda o: (o.sequence_id, o.chunk_index))
-        url = storage.run_file_url(self._outputs_url, self._run_id, "", part)
-        yield OUTPUT_FILE, storage.write_table(url, outputs_to_table(ordered))
+        yield self._write(OUTPUT_FILE, part, outputs_to_table(ordered))
 
 
 class WriteSnapshotShard(beam.DoFn):
@@ -206,29 +216,26 @@ class WriteSnapshotShard(beam.DoFn):
             yield PENDING_FILE, storage.write_table(url, chunks_to_table(pending, pending=True))
 
 
-class WriteDeadLetters(beam.DoFn):
+class WriteDeadLetters(_WriteRunFile):
     """``(shard, [DeadLetter])`` -> ``<outputs>/<run_id>/dead_letters/part-*.parquet``."""
 
-    def __init__(self, outputs_url: str, run_id: str):
-        self._outputs_url = outputs_url
-        self._run_id = run_id
+    folder = "dead_letters"
 
     def process(self, element: tuple[int, Iterable[DeadLetter]]):
         shard, letters = element
         ordered = sorted(letters, key=lambda d: (d.source, d.row if d.row is not None else -1,
                                                  d.sequence_id or "", d.chunk_index or -1,
                                                  d.reason))
-        url = storage.run_file_url(self._outputs_url, self._run_id, "dead_letters",
-                                   f"{shard:05d}")
-        yield DEAD_LETTER_FILE, storage.write_table(url, dead_letters_to_table(ordered))
+        yield self._write(DEAD_LETTER_FILE, f"{shard:05d}", dead_letters_to_table(ordered))
 
 
-class WriteFinalStates(beam.DoFn):
+class WriteFinalStates(_WriteRunFile):
     """``(shard, [(CarriedState, end_reason)])`` -> ``<outputs>/<run_id>/final_states/``."""
 
+    folder = "final_states"
+
     def __init__(self, outputs_url: str, run_id: str, state_names: Sequence[str]):
-        self._outputs_url = outputs_url
-        self._run_id = run_id
+        super().__init__(outputs_url, run_id)
         self._state_names = tuple(state_names)
 
     def process(self, element):
@@ -236,9 +243,7 @@ class WriteFinalStates(beam.DoFn):
         ordered = sorted(ended, key=lambda pair: pair[0].sequence_id)
         table = states_to_table([state for state, _ in ordered], self._state_names,
                                 end_reasons=[reason for _, reason in ordered])
-        url = storage.run_file_url(self._outputs_url, self._run_id, "final_states",
-                                   f"{shard:05d}")
-        yield FINAL_STATE_FILE, storage.write_table(url, table)
+        yield self._write(FINAL_STATE_FILE, f"{shard:05d}", table)
         yield COUNTS, dict(collections.Counter(f"sequences_ended_{reason}"
                                                for _, reason in ordered))
 
@@ -273,10 +278,6 @@ class WriteManifest(beam.DoFn):
         storage.StateStore(self._state_url).write_manifest(manifest)
         storage.fault_point("after_manifest")
         yield manifest.run_id
-
-
-def _shard_by_sequence(shards: int):
-    return lambda item: (stable_bucket(item.sequence_id, shards), item)
 
 
 class ApplyChunks(beam.PTransform):
