@@ -11,9 +11,10 @@ import datetime
 import hashlib
 import re
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import storage
@@ -21,12 +22,15 @@ from pipeline.options import InputError, RunConfig, add_run_arguments
 from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
                               ApplyChunks, ReadChunkFile, ReadSnapshotFile, WriteDeadLetters,
                               WriteFinalStates, WriteManifest, WriteOutputPart,
-                              WriteSnapshotShard)
+                              WriteSnapshotShard, split)
 from transforms.model import ModelError, RecurrentStack, load_model
+from transforms.session import METRICS_NAMESPACE
 from transforms.sequencing import (DEFERRED, PROCESSED, REJECTED, SKIPPED, Planner,
                                    stable_bucket)
 
 ROWS_PER_STATE_FILE = 100_000
+RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
+                  "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 # Where every chunk read ends up: exactly one of these.
 CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -85,24 +89,25 @@ def plan_run(config: RunConfig) -> RunPlan:
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
     """Add one run's transforms to ``pipeline``; it ends by writing the run's manifest."""
     config, stack = plan.config, plan.stack
-    chunks = (
+    chunks = split(
         pipeline
         | "ChunkFiles" >> beam.Create(plan.chunk_files)
         | "SpreadChunkFiles" >> beam.Reshuffle()
         | "ReadChunks" >> beam.ParDo(ReadChunkFile(
-            stack.input_dim, config.allow_non_finite, plan.run_id)).with_outputs(
-                "dead_letters", LEDGER, main="chunks"))
+            stack.input_dim, config.allow_non_finite, plan.run_id)),
+        ("chunks", "dead_letters", LEDGER), "Read")
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
                       + [(PENDING_FILE, r) for r in plan.parent.pending_files]
                       if plan.parent else [])
-    snapshot = (
+    snapshot = split(
         pipeline
         | "SnapshotFiles" >> beam.Create(snapshot_files)
         | "SpreadSnapshotFiles" >> beam.Reshuffle()
-        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names)).with_outputs(
-            "pending", main="states"))
+        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names)),
+        ("states", "pending"), "Snapshot")
     applied = (
-        {"chunks": chunks.chunks, "states": snapshot.states, "pending": snapshot.pending}
+        {"chunks": chunks["chunks"], "states": snapshot["states"],
+         "pending": snapshot["pending"]}
         | "ApplyChunks" >> ApplyChunks(config.model, plan.planner, config.batch_size,
                                        config.window_steps))
     shards = plan.state_shards
@@ -115,7 +120,7 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
     outputs_written = applied["outputs"] | "WriteOutputs" >> beam.ParDo(
         WriteOutputPart(config.outputs, plan.run_id))
     dead_letters_written = (
-        (chunks.dead_letters, applied["dead_letters"])
+        (chunks["dead_letters"], applied["dead_letters"])
         | "AllDeadLetters" >> beam.Flatten()
         | "ShardDeadLetters" >> beam.Map(lambda d: (stable_bucket(
             f"{d.source}:{d.sequence_id}", SMALL_OUTPUT_SHARDS), d))
@@ -128,6 +133,8 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         | "GroupEnded" >> beam.GroupByKey()
         | "WriteFinalStates" >> beam.ParDo(WriteFinalStates(
             config.outputs, plan.run_id, stack.state_names)))
+    # The manifest is the last transform and depends on every write through the
+    # ledger: Beam's DaskRunner computes only the graph behind the last transform.
     _ = (
         (chunks[LEDGER], applied["ledger"], snapshot_written, outputs_written,
          dead_letters_written, final_states_written)
@@ -148,8 +155,8 @@ def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
     """Run once: read, compute, write, commit. Returns the run report."""
     started = time.perf_counter()
     plan = plan_run(config)
-    manifest = execute(plan, beam_args)
-    return commit(plan, manifest, time.perf_counter() - started)
+    manifest, metrics = execute(plan, beam_args)
+    return commit(plan, manifest, metrics, time.perf_counter() - started)
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
@@ -159,23 +166,53 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     runner the DirectRunner ends up on anyway, without first trying to download the
     Prism runner from the internet (which fails offline, and elsewhere silently swaps
     the runner). ``--runner=PrismRunner`` still asks for Prism explicitly.
+    ``DaskRunner``, which Beam only knows by its full name, is accepted as is.
     """
     options = PipelineOptions(list(beam_args))
     standard = options.view_as(StandardOptions)
-    if standard.runner in (None, "DirectRunner"):
-        standard.runner = "FnApiRunner"
+    standard.runner = RUNNER_ALIASES.get(standard.runner, standard.runner)
     return options
 
 
-def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> storage.Manifest:
-    """Run the pipeline; returns the manifest it wrote (not yet committed)."""
+def execute(plan: RunPlan,
+            beam_args: Sequence[str] = ()) -> tuple[storage.Manifest, dict[str, Any]]:
+    """Run the pipeline; returns the manifest it wrote (not yet committed) and the
+    Beam metrics of the run, where the runner reports them."""
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build(pipeline, plan)
-    pipeline.run().wait_until_finish()
-    return storage.StateStore(plan.config.state).manifest(plan.run_id)
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)  # the DaskRunner leaves its client open
+        if client is not None:
+            client.close()
+    return storage.StateStore(plan.config.state).manifest(plan.run_id), beam_metrics(result)
 
 
-def commit(plan: RunPlan, manifest: storage.Manifest, seconds: float) -> dict:
+def beam_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:
+    """The run's counters and distributions in seqcarry's namespace ({} where the
+    runner cannot report metrics, like the DaskRunner; the counts in the report come
+    from the manifest on every runner)."""
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    except NotImplementedError:
+        return {}
+    metrics: dict[str, Any] = {}
+    for counter in queried["counters"]:
+        name = counter.key.metric.name
+        metrics[name] = metrics.get(name, 0) + counter.committed
+    for distribution in queried["distributions"]:
+        value = distribution.committed
+        if value is not None and value.count:
+            metrics[distribution.key.metric.name] = {
+                "count": value.count, "mean": round(value.mean, 3), "min": value.min,
+                "max": value.max}
+    return metrics
+
+
+def commit(plan: RunPlan, manifest: storage.Manifest, metrics: dict[str, Any],
+           seconds: float) -> dict:
     """Check the run's accounts, move CURRENT to its snapshot, write its report."""
     store = storage.StateStore(plan.config.state)
     counts = manifest.counts
@@ -190,7 +227,7 @@ def commit(plan: RunPlan, manifest: storage.Manifest, seconds: float) -> dict:
     storage.fault_point("before_commit")
     store.commit(plan.run_id, manifest_sha256, plan.parent_pointer)
     storage.fault_point("after_commit")
-    report = make_report(manifest, plan.config, seconds)
+    report = make_report(manifest, plan.config, seconds) | {"metrics": metrics}
     store.write_report(plan.run_id, report)
     if plan.config.keep:
         report["snapshots_removed"] = store.prune(plan.config.keep)

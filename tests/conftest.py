@@ -75,3 +75,14 @@ def bucket(gcs_emulator, request):
             + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10])
     gcs.create_bucket(gcs_emulator, name)
     yield f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask.distributed LocalCluster of 2 worker processes on 127.0.0.1; yields the
+    scheduler address for --dask_client_address."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                      host="127.0.0.1", dashboard_address=None) as cluster:
+        yield cluster.scheduler_address

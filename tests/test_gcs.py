@@ -61,11 +61,11 @@ def test_two_runs_on_gcs_one_commits_the_other_fails_cleanly(workload, bucket):
     run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
     first = plan_run(gs_config(model, directories[1], bucket, "first"))
     second = plan_run(gs_config(model, directories[1], bucket, "second"))
-    commit(first, execute(first, IN_PROCESS), 1.0)
+    commit(first, *execute(first, IN_PROCESS), 1.0)
     winner = final_state(f"{bucket}/state")
-    manifest = execute(second, IN_PROCESS)
+    executed = execute(second, IN_PROCESS)
     with pytest.raises(storage.StateConflictError, match="state moved from run-1 to first"):
-        commit(second, manifest, 1.0)
+        commit(second, *executed, 1.0)
     assert storage.StateStore(f"{bucket}/state").current().run_id == "first"
     assert final_state(f"{bucket}/state") == winner
 

@@ -45,9 +45,11 @@ def assert_equals_whole_sequence_model(workload, state):
     return worst
 
 
-@pytest.mark.parametrize("beam_args", [IN_PROCESS, TWO_WORKERS],
-                         ids=["in-process", "two-worker-processes"])
-def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, beam_args):
+@pytest.mark.parametrize("runner", ["in-process", "two-worker-processes", "dask-cluster"])
+def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request, runner):
+    beam_args = {"in-process": IN_PROCESS, "two-worker-processes": TWO_WORKERS}.get(runner) or [
+        "--runner=DaskRunner",
+        f"--dask_client_address={request.getfixturevalue('dask_cluster')}"]
     state, reports = run_all(workload, tmp_path, beam_args)
 
     total_chunks = workload[3]
@@ -59,7 +61,7 @@ def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, beam_ar
     assert reports[-1]["sequences_live"] == len(workload[1])
     assert sum(r["steps_processed"] for r in reports) == sum(map(len, workload[1].values()))
     worst = assert_equals_whole_sequence_model(workload, state)
-    print(f"max abs diff vs whole sequence ({beam_args[-1]}): {worst:.3g}")
+    print(f"max abs diff vs whole sequence ({runner}): {worst:.3g}")
 
 
 def test_sequence_absent_from_a_run_keeps_its_state_bit_for_bit(workload, tmp_path):
@@ -170,6 +172,7 @@ def test_reused_run_id_and_empty_input_are_refused_a_bad_file_is_dead_lettered(w
 @pytest.mark.parametrize("args, runner", [
     ([], "FnApiRunner"),
     (["--runner=DirectRunner", "--direct_num_workers=2"], "FnApiRunner"),
+    (["--runner=DaskRunner"], "apache_beam.runners.dask.dask_runner.DaskRunner"),
     (["--runner=PrismRunner"], "PrismRunner"),
     (["--runner=DataflowRunner"], "DataflowRunner"),
 ])

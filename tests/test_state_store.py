@@ -97,12 +97,12 @@ def test_two_runs_from_the_same_state_one_commits_the_other_changes_nothing(
     run_job(config(workload, tmp_path, 0), IN_PROCESS)
     first = plan_run(config(workload, tmp_path, 1, run_id="first"))
     second = plan_run(config(workload, tmp_path, 1, run_id="second"))
-    commit(first, execute(first, IN_PROCESS), 1.0)
+    commit(first, *execute(first, IN_PROCESS), 1.0)
     winner = final_state(state)
-    second_manifest = execute(second, IN_PROCESS)
+    second_executed = execute(second, IN_PROCESS)
     with pytest.raises(storage.StateConflictError,
                        match="state moved from run-1 to first while this run was running"):
-        commit(second, second_manifest, 1.0)
+        commit(second, *second_executed, 1.0)
     store = storage.StateStore(state)
     assert store.current().run_id == "first"
     assert final_state(state) == winner

@@ -1,9 +1,14 @@
 """Beam DoFns and composite PTransforms of a seqcarry run.
 
 Each DoFn is a thin wrapper around a pure function (:mod:`schemas`,
-:mod:`transforms.sequencing`, :mod:`pipeline.storage`). Nothing is emitted from
-``finish_bundle`` (Beam's DaskRunner drops such outputs), and every file is written
-under a name fixed by its content's key, so a retried bundle rewrites its own file.
+:mod:`transforms.sequencing`, :mod:`pipeline.storage`). Every file is written under a
+name fixed by its content's key, so a retried bundle rewrites its own file.
+
+Two habits keep the pipeline correct on Beam's DaskRunner as well: nothing is emitted
+from ``finish_bundle`` (the DaskRunner drops such outputs), and no DoFn has tagged
+outputs (the DaskRunner hands every output of a multi-output ParDo to every
+consumer). A DoFn with several kinds of output emits ``(tag, value)`` envelopes on its
+one output, and :func:`split` routes them.
 
 Besides data, the stages emit *ledger* entries ``(kind, payload)``: counts and the
 files they wrote. The last stage gathers them into the run's manifest, so the run
@@ -38,21 +43,28 @@ FILE_KINDS = (STATE_FILE, PENDING_FILE, OUTPUT_FILE, DEAD_LETTER_FILE, FINAL_STA
 SMALL_OUTPUT_SHARDS = 4
 
 
-def _ledger(kind: str, payload) -> beam.pvalue.TaggedOutput:
-    """A ledger entry on the ``ledger`` output of a DoFn that also emits data."""
-    return beam.pvalue.TaggedOutput(LEDGER, (kind, payload))
+def split(envelopes: beam.PCollection, tags: Sequence[str],
+          label: str) -> dict[str, beam.PCollection]:
+    """Route ``(tag, value)`` envelopes to one PCollection of values per tag."""
+    return {tag: envelopes | f"{label}:{tag}" >> beam.FlatMap(_values_tagged, tag)
+            for tag in tags}
 
 
-def _counts(counts: dict[str, int]) -> beam.pvalue.TaggedOutput:
-    """Counts for the report, also kept as Beam metrics counters."""
+def _values_tagged(envelope: tuple[str, object], tag: str):
+    if envelope[0] == tag:
+        yield envelope[1]
+
+
+def _counts(counts: dict[str, int]) -> tuple[str, tuple[str, dict[str, int]]]:
+    """A ledger envelope of counts for the report, also kept as Beam metrics counters."""
     for name, value in counts.items():
         Metrics.counter(METRICS_NAMESPACE, name).inc(value)
-    return _ledger(COUNTS, counts)
+    return LEDGER, (COUNTS, counts)
 
 
 class ReadChunkFile(beam.DoFn):
-    """An input file's URL -> ``(sequence_id, Chunk)`` for each valid row; a
-    :class:`DeadLetter` (``dead_letters``) for each invalid one."""
+    """An input file's URL -> envelopes: ``chunks`` ``(sequence_id, Chunk)`` for each
+    valid row, ``dead_letters`` for each invalid one, and counts (``ledger``)."""
 
     def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str):
         self._input_dim = input_dim
@@ -63,9 +75,9 @@ class ReadChunkFile(beam.DoFn):
         chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
                                           self._allow_non_finite, self._run_id)
         for chunk in chunks:
-            yield chunk.sequence_id, chunk
+            yield "chunks", (chunk.sequence_id, chunk)
         for letter in letters:
-            yield beam.pvalue.TaggedOutput("dead_letters", letter)
+            yield "dead_letters", letter
         counts = collections.Counter({"chunks_read": len(chunks) + len(letters)})
         for letter in letters:
             counts[REJECTED] += 1
@@ -74,9 +86,9 @@ class ReadChunkFile(beam.DoFn):
 
 
 class ReadSnapshotFile(beam.DoFn):
-    """A snapshot file ``(kind, record)`` -> ``(sequence_id, CarriedState)`` for state
-    files, ``(sequence_id, Chunk)`` (``pending``) for pending files, after checking
-    the file against its manifest record (sha256, rows)."""
+    """A snapshot file ``(kind, record)`` -> envelopes: ``states`` ``(sequence_id,
+    CarriedState)`` from state files, ``pending`` ``(sequence_id, Chunk)`` from pending
+    files, after checking the file against its manifest record (sha256, rows)."""
 
     def __init__(self, state_names: Sequence[str]):
         self._state_names = tuple(state_names)
@@ -86,16 +98,16 @@ class ReadSnapshotFile(beam.DoFn):
         table = storage.read_table(record.path, record)
         if kind == PENDING_FILE:
             for chunk in chunks_from_table(table, record.path, pending=True):
-                yield beam.pvalue.TaggedOutput("pending", (chunk.sequence_id, chunk))
+                yield "pending", (chunk.sequence_id, chunk)
         else:
             for state in states_from_table(table, self._state_names, record.path):
-                yield state.sequence_id, state
+                yield "states", (state.sequence_id, state)
 
 
 class PlanSequence(beam.DoFn):
-    """``(sequence_id, {'states', 'pending', 'chunks'})`` -> work to apply now (main),
-    and ``unchanged`` states, ``pending`` chunks, ``dead_letters``, ``ended`` final
-    states and counts (ledger)."""
+    """``(sequence_id, {'states', 'pending', 'chunks'})`` -> envelopes: ``work`` to apply
+    now, ``unchanged`` states, ``pending`` chunks, ``dead_letters``, ``ended`` final
+    states, and counts (``ledger``)."""
 
     def __init__(self, planner: Planner):
         self._planner = planner
@@ -109,24 +121,23 @@ class PlanSequence(beam.DoFn):
         plan = self._planner.plan(sequence_id, carried[0] if carried else None,
                                   grouped["pending"], grouped["chunks"])
         for chunk, reason, message in plan.rejected:
-            yield beam.pvalue.TaggedOutput("dead_letters",
-                                           chunk_dead_letter(chunk, reason, message))
+            yield "dead_letters", chunk_dead_letter(chunk, reason, message)
         for chunk in plan.pending:
-            yield beam.pvalue.TaggedOutput("pending", chunk)
+            yield "pending", chunk
         if plan.ended:
-            yield beam.pvalue.TaggedOutput("ended", plan.ended)
+            yield "ended", plan.ended
         if plan.work is not None:
-            yield plan.work
+            yield "work", plan.work
         elif plan.unchanged is not None:
-            yield beam.pvalue.TaggedOutput("unchanged", plan.unchanged)
+            yield "unchanged", plan.unchanged
         if plan.counts:
             yield _counts(plan.counts)
 
 
 class RunBatches(beam.DoFn):
-    """``(bucket, [SequenceWork])`` -> new states (main output), per-batch outputs
-    ``(part, [ChunkOutput])`` (``outputs``), final states of sequences that reached
-    their last chunk (``ended``) and counts (ledger).
+    """``(bucket, [SequenceWork])`` -> envelopes: new ``states``, per-batch ``outputs``
+    ``(part, [ChunkOutput])``, ``ended`` final states of sequences that reached their
+    last chunk, and counts (``ledger``).
 
     The model is loaded once per process through Beam's ``Shared``; each bundle opens
     a session on it.
@@ -153,11 +164,11 @@ class RunBatches(beam.DoFn):
         for number, batch in enumerate(split_into_batches(list(works), self._batch_size)):
             result = self._session.run(batch)
             storage.fault_point("mid_compute")
-            yield beam.pvalue.TaggedOutput("outputs", (f"{bucket:05d}-{number:04d}",
-                                                       result.outputs))
-            yield from result.states
+            yield "outputs", (f"{bucket:05d}-{number:04d}", result.outputs)
+            for state in result.states:
+                yield "states", state
             for state in result.ended:
-                yield beam.pvalue.TaggedOutput("ended", (state, END_IS_LAST))
+                yield "ended", (state, END_IS_LAST)
             yield _counts({"sequences_touched": len(batch), "steps_processed": result.steps,
                            "batches": 1})
 
@@ -299,30 +310,32 @@ class ApplyChunks(beam.PTransform):
         self._window_steps = window_steps
 
     def expand(self, inputs):
-        planned = (
+        planned = split(
             inputs
             | "JoinWithState" >> beam.CoGroupByKey()
-            | "PlanSequences" >> beam.ParDo(PlanSequence(self._planner)).with_outputs(
-                "unchanged", "pending", "dead_letters", "ended", LEDGER, main="work"))
+            | "PlanSequences" >> beam.ParDo(PlanSequence(self._planner)),
+            ("work", "unchanged", "pending", "dead_letters", "ended", LEDGER), "Planned")
         # Deterministic buckets sized from the exact number of sequences with work,
         # about four batches each, so batches come out full and evenly sized.
-        work_count = planned.work | "CountWork" >> beam.combiners.Count.Globally()
+        work_count = planned["work"] | "CountWork" >> beam.combiners.Count.Globally()
         batch_size = self._batch_size
-        computed = (
-            planned.work
+        computed = split(
+            planned["work"]
             | "AssignBuckets" >> beam.Map(
                 lambda work, count: (stable_bucket(
                     work.carried.sequence_id, -(-count // (4 * batch_size))), work),
                 count=beam.pvalue.AsSingleton(work_count, default_value=0))
             | "GroupIntoBuckets" >> beam.GroupByKey()
             | "RunBatches" >> beam.ParDo(RunBatches(
-                self._model_path, self._batch_size, self._window_steps)).with_outputs(
-                    "outputs", "ended", LEDGER, main="states"))
+                self._model_path, self._batch_size, self._window_steps)),
+            ("states", "outputs", "ended", LEDGER), "Computed")
         return {
-            "states": (computed.states, planned.unchanged) | "AllStates" >> beam.Flatten(),
-            "pending": planned.pending,
-            "outputs": computed.outputs,
-            "dead_letters": planned.dead_letters,
-            "ended": (planned.ended, computed.ended) | "AllEnded" >> beam.Flatten(),
-            "ledger": (planned[LEDGER], computed[LEDGER]) | "ApplyLedger" >> beam.Flatten(),
+            "states": ((computed["states"], planned["unchanged"])
+                       | "AllStates" >> beam.Flatten()),
+            "pending": planned["pending"],
+            "outputs": computed["outputs"],
+            "dead_letters": planned["dead_letters"],
+            "ended": (planned["ended"], computed["ended"]) | "AllEnded" >> beam.Flatten(),
+            "ledger": ((planned[LEDGER], computed[LEDGER])
+                       | "ApplyLedger" >> beam.Flatten()),
         }

@@ -3,11 +3,13 @@
 :class:`LoadedModel` is what Beam's ``Shared`` holds: the model description and its
 compiled :class:`~transforms.kernel.StepKernel`, shared by every DoFn instance and
 thread of a process. A bundle opens a :class:`StepSession` on it in ``start_bundle``
-and closes it in ``finish_bundle``; the session runs the bundle's batches and keeps
-the bundle's tallies, which it reports as Beam metrics when closed.
+and closes it in ``finish_bundle``; the session runs the bundle's batches, records each
+batch's compute time as a Beam distribution, and logs the bundle's tallies when closed.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Sequence
 
@@ -18,6 +20,7 @@ from transforms.model import RecurrentStack, load_model
 from transforms.sequencing import BatchResult, SequenceWork, run_batch
 
 METRICS_NAMESPACE = "seqcarry"
+_LOG = logging.getLogger("seqcarry")
 
 
 class LoadedModel:
@@ -28,10 +31,15 @@ class LoadedModel:
         self.stack: RecurrentStack = load_model(model_path)
         self.kernel = StepKernel(self.stack, window_steps)
         self.load_seconds = time.perf_counter() - started
-        Metrics.distribution(METRICS_NAMESPACE, "model_load_ms").update(
-            int(self.load_seconds * 1000))
+        self._load_reported = threading.Lock()
+        _LOG.info("model %s loaded in %.2f s", self.stack.fingerprint, self.load_seconds)
 
     def open_session(self) -> "StepSession":
+        # Metrics need a running step, which setup() is not: the first session of the
+        # process reports the load time.
+        if self._load_reported.acquire(blocking=False):
+            Metrics.distribution(METRICS_NAMESPACE, "model_load_ms").update(
+                int(self.load_seconds * 1000))
         return StepSession(self.kernel)
 
 
@@ -53,5 +61,4 @@ class StepSession:
         return result
 
     def close(self) -> None:
-        Metrics.counter(METRICS_NAMESPACE, "batches").inc(self.batches)
-        Metrics.counter(METRICS_NAMESPACE, "steps_processed").inc(self.steps)
+        _LOG.debug("bundle done: %d batches, %d steps", self.batches, self.steps)

@@ -1,0 +1,64 @@
+"""What Dataflow and Flink need, up to the point of submitting: DoFns survive Beam's
+pickler, and the whole pipeline builds and serializes with their options."""
+import numpy as np
+import pytest
+from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  SetupOptions)
+
+import apache_beam as beam
+from pipeline.build import build, plan_run
+from pipeline.options import RunConfig
+from schemas import Chunk
+from transforms.dofns import (PlanSequence, ReadChunkFile, RunBatches, WriteManifest,
+                              WriteSnapshotShard)
+from transforms.sequencing import SequenceWork
+
+DATAFLOW = ["--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
+            "--temp_location=gs://my-bucket/tmp", "--setup_file=./setup.py",
+            "--experiments=use_runner_v2"]
+FLINK = ["--runner=FlinkRunner", "--flink_master=localhost:8081",
+         "--environment_type=EXTERNAL", "--environment_config=localhost:50000"]
+
+
+@pytest.fixture
+def plan(workload, tmp_path):
+    return plan_run(RunConfig(workload[0], workload[2][0], str(tmp_path / "state"),
+                              str(tmp_path / "out"), run_id="r1"))
+
+
+def test_dofns_survive_beams_pickler_and_still_work(plan, workload):
+    config = plan.config
+    dofns = [ReadChunkFile(3, False, "r1"), PlanSequence(plan.planner),
+             RunBatches(config.model, 4, 16),
+             WriteSnapshotShard(config.state, "r1", 1, plan.stack.state_names),
+             WriteManifest(config.state, "r1", 1, None, plan.stack.fingerprint,
+                           plan.stack.state_names)]
+    restored = [pickler.loads(pickler.dumps(dofn)) for dofn in dofns]
+    assert [type(d) for d in restored] == [type(d) for d in dofns]
+
+    chunk = Chunk("a", 0, np.ones((3, 3), np.float32))
+    (kind, work), *_ = restored[1].process(("a", {"states": [], "pending": [], "chunks": [chunk]}))
+    assert kind == "work" and isinstance(work, SequenceWork)
+    runner = restored[2]
+    runner.setup()  # loads the model on "the worker"
+    runner.start_bundle()
+    envelopes = list(runner.process((0, [work])))
+    runner.finish_bundle()
+    assert {tag for tag, _ in envelopes} == {"outputs", "states", "ledger"}
+
+
+@pytest.mark.parametrize("options", [DATAFLOW, FLINK], ids=["dataflow", "flink"])
+def test_the_pipeline_builds_and_serializes_with_cluster_runner_options(plan, options):
+    parsed = PipelineOptions(options)
+    # Build on a local runner object: creating a DataflowRunner would call GCP.
+    pipeline = beam.Pipeline(runner="FnApiRunner", options=parsed)
+    build(pipeline, plan)
+    proto = pipeline.to_runner_api()  # what a runner is sent: every DoFn pickled
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    assert {"ReadChunks", "ApplyChunks/RunBatches", "WriteSnapshot", "WriteManifest"} <= names
+    if options is DATAFLOW:
+        assert parsed.view_as(GoogleCloudOptions).region == "europe-west1"
+        assert parsed.view_as(SetupOptions).setup_file == "./setup.py"
+    else:
+        assert type(beam.Pipeline(options=parsed).runner).__name__ == "FlinkRunner"
