@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import logging
 import re
 import time
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ from transforms.session import METRICS_NAMESPACE
 from transforms.sequencing import (DEFERRED, PROCESSED, REJECTED, SKIPPED, Planner,
                                    stable_bucket)
 
+_LOG = logging.getLogger("seqcarry")
 ROWS_PER_STATE_FILE = 100_000
 RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
                   "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
@@ -45,6 +47,7 @@ class RunPlan:
     parent: storage.Manifest | None
     stack: RecurrentStack
     chunk_files: tuple[str, ...]
+    chunk_rows: int  # rows of the chunk files (before validation)
     state_shards: int
     planner: Planner
 
@@ -83,7 +86,11 @@ def plan_run(config: RunConfig) -> RunPlan:
         expire_after_seconds=(int(config.expire_after_days * 86400)
                               if config.expire_after_days else None))
     store.prepare_run(run_id, config.outputs)
-    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), shards, planner)
+    _LOG.info("event=planned run_id=%s parent=%s files=%d chunks=%d sequences=%d "
+              "pending=%d", run_id, parent.run_id if parent else None, len(chunk_files),
+              input_rows, live, parent.pending_chunks if parent else 0)
+    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), input_rows,
+                   shards, planner)
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
@@ -108,8 +115,9 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
     applied = (
         {"chunks": chunks["chunks"], "states": snapshot["states"],
          "pending": snapshot["pending"]}
-        | "ApplyChunks" >> ApplyChunks(config.model, plan.planner, config.batch_size,
-                                       config.window_steps))
+        | "ApplyChunks" >> ApplyChunks(
+            config.model, plan.planner, config.batch_size, config.window_steps,
+            plan.chunk_rows + (plan.parent.pending_chunks if plan.parent else 0)))
     shards = plan.state_shards
     snapshot_written = (
         {"states": applied["states"] | "ShardStates" >> beam.Map(_shard_of, shards),
@@ -229,6 +237,8 @@ def commit(plan: RunPlan, manifest: storage.Manifest, metrics: dict[str, Any],
     storage.fault_point("after_commit")
     report = make_report(manifest, plan.config, seconds) | {"metrics": metrics}
     store.write_report(plan.run_id, report)
+    _LOG.info("event=committed run_id=%s chunks_processed=%d steps=%d seconds=%.2f",
+              plan.run_id, report["chunks_processed"], report["steps_processed"], seconds)
     if plan.config.keep:
         report["snapshots_removed"] = store.prune(plan.config.keep)
     return report

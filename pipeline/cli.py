@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback when a command fails")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines on stderr (only the result and errors)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -127,11 +130,19 @@ def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     arguments, beam_args = _parser().parse_known_args(argv)
+    # seqcarry's own log lines (planning, progress, commit) as key=value pairs.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logger = logging.getLogger("seqcarry")
+    logger.addHandler(handler)
+    logger.propagate = False  # Beam adds a root handler; print each line once
+    logger.setLevel(logging.WARNING if arguments.quiet else logging.INFO)
     try:
         if arguments.command == "run":
             from pipeline.build import run_job
 
-            options = {k: v for k, v in vars(arguments).items() if k not in ("command", "debug")}
+            options = {k: v for k, v in vars(arguments).items()
+                       if k not in ("command", "debug", "quiet")}
             report = run_job(RunConfig(**options), beam_args)
             print(json.dumps(report, indent=2))
         elif arguments.command == "snapshots":

@@ -124,6 +124,7 @@ def run_demo(workdir: str = "build/demo", sequences: int = 300, runs: int = 3,
 
 
 def format_report(report: dict) -> str:
-    """A run report as aligned 'key: value' lines."""
-    width = max(map(len, report))
-    return "\n".join(f"  {key:<{width}}  {value}" for key, value in report.items())
+    """A run report as aligned 'key  value' lines (Beam metrics left to report.json)."""
+    shown = {key: value for key, value in report.items() if key != "metrics"}
+    width = max(map(len, shown))
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in shown.items())

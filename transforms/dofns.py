@@ -143,17 +143,19 @@ class RunBatches(beam.DoFn):
     a session on it.
     """
 
-    def __init__(self, model_path: str, batch_size: int, window_steps: int):
+    def __init__(self, model_path: str, batch_size: int, window_steps: int,
+                 chunks_total: int = 0):
         self._model_path = model_path
         self._batch_size = batch_size
         self._window_steps = window_steps
+        self._chunks_total = chunks_total  # for progress lines only
         self._shared = shared.Shared()
         self._model: LoadedModel | None = None
         self._session = None
 
     def setup(self):
         self._model = self._shared.acquire(
-            lambda: LoadedModel(self._model_path, self._window_steps),
+            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total),
             tag=f"{self._model_path}:{self._window_steps}")
 
     def start_bundle(self):
@@ -302,12 +304,13 @@ class ApplyChunks(beam.PTransform):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int):
+                 window_steps: int, chunks_total: int = 0):
         super().__init__()
         self._model_path = model_path
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
+        self._chunks_total = chunks_total
 
     def expand(self, inputs):
         planned = split(
@@ -327,7 +330,7 @@ class ApplyChunks(beam.PTransform):
                 count=beam.pvalue.AsSingleton(work_count, default_value=0))
             | "GroupIntoBuckets" >> beam.GroupByKey()
             | "RunBatches" >> beam.ParDo(RunBatches(
-                self._model_path, self._batch_size, self._window_steps)),
+                self._model_path, self._batch_size, self._window_steps, self._chunks_total)),
             ("states", "outputs", "ended", LEDGER), "Computed")
         return {
             "states": ((computed["states"], planned["unchanged"])

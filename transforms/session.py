@@ -23,16 +23,42 @@ METRICS_NAMESPACE = "seqcarry"
 _LOG = logging.getLogger("seqcarry")
 
 
+class Progress:
+    """Chunks and steps applied in this process, logged at most every few seconds as
+    ``event=progress chunks_done=... chunks_total=... steps_per_second=...``."""
+
+    def __init__(self, chunks_total: int, every_seconds: float = 2.0):
+        self.chunks_total = chunks_total
+        self._every = every_seconds
+        self._lock = threading.Lock()
+        self._started = self._logged = time.perf_counter()
+        self.chunks = self.steps = 0
+
+    def add(self, chunks: int, steps: int) -> None:
+        with self._lock:
+            self.chunks += chunks
+            self.steps += steps
+            now = time.perf_counter()
+            if now - self._logged < self._every and self.chunks < self.chunks_total:
+                return
+            self._logged = now
+            rate = self.steps / max(now - self._started, 1e-9)
+            _LOG.info("event=progress chunks_done=%d chunks_total=%d steps=%d "
+                      "steps_per_second=%.0f", self.chunks, self.chunks_total, self.steps, rate)
+
+
 class LoadedModel:
     """A model and its compiled kernel, loaded once per process."""
 
-    def __init__(self, model_path: str, window_steps: int):
+    def __init__(self, model_path: str, window_steps: int, chunks_total: int = 0):
         started = time.perf_counter()
         self.stack: RecurrentStack = load_model(model_path)
         self.kernel = StepKernel(self.stack, window_steps)
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
-        _LOG.info("model %s loaded in %.2f s", self.stack.fingerprint, self.load_seconds)
+        self.progress = Progress(chunks_total)
+        _LOG.info("event=model_loaded fingerprint=%s seconds=%.2f", self.stack.fingerprint,
+                  self.load_seconds)
 
     def open_session(self) -> "StepSession":
         # Metrics need a running step, which setup() is not: the first session of the
@@ -40,14 +66,15 @@ class LoadedModel:
         if self._load_reported.acquire(blocking=False):
             Metrics.distribution(METRICS_NAMESPACE, "model_load_ms").update(
                 int(self.load_seconds * 1000))
-        return StepSession(self.kernel)
+        return StepSession(self.kernel, self.progress)
 
 
 class StepSession:
     """One bundle's use of the shared kernel."""
 
-    def __init__(self, kernel: StepKernel):
+    def __init__(self, kernel: StepKernel, progress: Progress):
         self._kernel = kernel
+        self._progress = progress
         self.batches = 0
         self.steps = 0
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_compute_ms")
@@ -58,6 +85,7 @@ class StepSession:
         self._latency.update(int((time.perf_counter() - started) * 1000))
         self.batches += 1
         self.steps += result.steps
+        self._progress.add(len(result.outputs), result.steps)
         return result
 
     def close(self) -> None:
