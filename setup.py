@@ -22,6 +22,7 @@ setup(
         "fsspec>=2024.2",
         "gcsfs>=2024.2",  # gs:// for --chunks, --state, --outputs and --model
         "keras>=3.0",
+        "matplotlib>=3.7",  # seqcarry report --html
     ],
     extras_require={
         # TensorFlow comes as an extra so a worker image can choose its build:

@@ -79,6 +79,30 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", required=True, dest="to", metavar="RUN_ID",
                           help="run id of the snapshot to go back to")
 
+    inspect = commands.add_parser(
+        "inspect", help="show one sequence: its carried state, pending chunks, runs",
+        description="Show what the committed history holds about one sequence: status, "
+                    "next chunk index, steps seen, the norm of each state part, its "
+                    "pending chunks, and the runs that applied its chunks (this reads the "
+                    "outputs of every committed run).",
+        epilog="example:\n  seqcarry inspect --state build/demo/state --sequence seq-00007",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("--state", required=True, help="state directory or URL")
+    inspect.add_argument("--sequence", required=True, help="the sequence_id to show")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    report = commands.add_parser(
+        "report", help="the run history as a table, and as an HTML page with plots",
+        description="The committed runs as a table: chunks by category, pending chunks, "
+                    "live sequences, throughput. With --html, also one self-contained "
+                    "HTML file with plots (chunks by category per run, steps/s per run, "
+                    "live sequences and pending chunks over time, dead letters by reason).",
+        epilog="example:\n  seqcarry report --state build/demo/state --html runs.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("--state", required=True, help="state directory or URL")
+    report.add_argument("--html", default=None, metavar="FILE",
+                        help="also write the report with plots to FILE")
+
     demo = commands.add_parser(
         "demo", help="generate a model and data, run three times, check against Keras",
         description="The built-in demo (what `make run` runs): a generated 2-layer LSTM "
@@ -93,6 +117,21 @@ def _parser() -> argparse.ArgumentParser:
                            "build/demo)")
     demo.add_argument("--sequences", type=int, default=300, help="how many sequences")
     return parser
+
+
+def _details_text(details: dict) -> str:
+    lines = [f"{key}: {value}" for key, value in details.items()
+             if key not in ("state_norms", "pending_chunks", "runs")]
+    for name, norm in details.get("state_norms", {}).items():
+        lines.append(f"  |{name}| = {norm}")
+    lines.append(f"pending chunks: {len(details['pending_chunks'])}")
+    lines += [f"  chunk {c['chunk_index']} ({c['steps']} steps), waiting since run "
+              f"{c['arrived_in_run']}" for c in details["pending_chunks"]]
+    lines.append(f"runs that applied its chunks: {len(details['runs'])}")
+    lines += [f"  {run['run_id']}: chunks {run['chunks']} ({run['steps']} steps)"
+              + (f", ended ({run['ended']})" if "ended" in run else "")
+              for run in details["runs"]]
+    return "\n".join(lines)
 
 
 def _snapshots_table(store: storage.StateStore) -> str:
@@ -156,6 +195,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             before = store.current()
             store.rollback(arguments.to)
             print(f"CURRENT moved from {before.run_id} to {arguments.to}")
+        elif arguments.command == "inspect":
+            from pipeline.results import sequence_details
+
+            try:
+                details = sequence_details(arguments.state, arguments.sequence)
+            except KeyError as missing:
+                raise InputError(missing.args[0]) from missing
+            print(json.dumps(details, indent=2) if arguments.json
+                  else _details_text(details))
+        elif arguments.command == "report":
+            from pipeline import report
+
+            rows = report.history_rows(arguments.state)
+            if not rows:
+                raise InputError(f"{arguments.state} has no committed run to report on")
+            print(report.text_table(rows))
+            if arguments.html:
+                with open(arguments.html, "w") as handle:
+                    handle.write(report.html_page(arguments.state, rows))
+                print(f"wrote {arguments.html}")
         elif arguments.command == "demo":
             from pipeline.demo import run_demo
 

@@ -4,7 +4,10 @@ models and chunked data it uses (the tests use them too).
 It makes a random 2-layer LSTM + Dense Keras model and a few hundred sequences of
 uneven length, cuts each into chunks of random sizes, spreads every sequence's
 chunks over three successive runs (shuffled), runs the pipeline three times and
-checks the result against Keras on each whole sequence.
+checks the result against Keras on each whole sequence. Like a real feed, the input
+is a little messy: some chunks arrive a run late (the chunks after them wait as
+deferred), some are sent twice, one is resent with different content, and two
+records are malformed; the reports account for each.
 """
 from __future__ import annotations
 
@@ -94,16 +97,27 @@ def run_demo(workdir: str = "build/demo", sequences: int = 300, runs: int = 3,
     whole = make_sequences(rng, sequences, input_dim=8, max_steps=400)
     per_run: list[list[Chunk]] = [[] for _ in range(runs)]
     for sequence_id, features in whole.items():
-        for run, part in enumerate(spread_over_runs(
-                rng, cut_into_chunks(rng, sequence_id, features, max_chunk=64), runs)):
+        parts = spread_over_runs(rng, cut_into_chunks(rng, sequence_id, features, 64), runs)
+        for run in range(runs - 1):
+            if len(parts[run]) > 1 and rng.random() < 0.1:  # arrives a run late
+                parts[run + 1].insert(0, parts[run].pop(0))
+        for run, part in enumerate(parts):
             per_run[run].extend(part)
+    for run in range(1, runs):  # resends of chunks already delivered: exact duplicates
+        earlier = [chunk for part in per_run[:run] for chunk in part]
+        per_run[run].extend(earlier[i] for i in rng.choice(len(earlier), 5, replace=False))
+    altered = per_run[0][0]  # and one resend with different content
+    per_run[-1].append(Chunk(altered.sequence_id, altered.chunk_index, altered.features + 1))
+    malformed = [Chunk("sensor-x", 0, np.ones((3, 5), np.float32)),  # wrong input width
+                 Chunk("sensor-y", 0, np.full((2, 8), np.nan, np.float32))]  # NaN
     print(f"demo: {sequences} sequences, {sum(len(f) for f in whole.values())} steps, "
           f"{sum(map(len, per_run))} chunks over {runs} runs, model {model_path}")
 
     state, outputs = os.path.join(workdir, "state"), os.path.join(workdir, "outputs")
     for run in range(runs):
         chunk_dir = os.path.join(workdir, "chunks", f"run-{run + 1}")
-        write_chunk_files(chunk_dir, per_run[run], files=2, rng=rng)
+        write_chunk_files(chunk_dir, per_run[run] + (malformed if run == 1 else []), files=2,
+                          rng=rng)
         report = run_job(RunConfig(model=model_path, chunks=chunk_dir, state=state,
                                    outputs=outputs, run_id=f"demo-run-{run + 1}"), beam_args)
         print(format_report(report))

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import collections
+import datetime
 
 import numpy as np
+import pyarrow.compute as pc
 
 from pipeline import storage
-from schemas import CarriedState, outputs_from_table, states_from_table
+from schemas import CarriedState, chunks_from_table, outputs_from_table, states_from_table
 
 
 def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
@@ -30,3 +32,56 @@ def committed_states(state_url: str) -> dict[str, CarriedState]:
             for record in manifest.state_files
             for state in states_from_table(storage.read_table(record.path, record),
                                            manifest.state_names, record.path)}
+
+
+def sequence_details(state_url: str, sequence_id: str) -> dict:
+    """Everything the committed history holds about one sequence: its carried state
+    (norms per part), pending chunks, final state if it ended, and the runs that
+    applied its chunks. Raises KeyError when no committed run knows it."""
+    history = storage.StateStore(state_url).history()
+    if not history:
+        raise KeyError(f"{state_url} has no committed snapshot")
+    manifest = history[0]
+
+    def rows(records, source_filter=True):
+        for record in records:
+            table = storage.read_table(record.path, record)
+            if source_filter:
+                table = table.filter(pc.equal(table["sequence_id"], sequence_id))
+            yield record, table
+
+    states = [state for record, table in rows(manifest.state_files)
+              for state in states_from_table(table, manifest.state_names, record.path)]
+    pending = [chunk for record, table in rows(manifest.pending_files)
+               for chunk in chunks_from_table(table, record.path, pending=True)]
+    runs = []
+    for run in reversed(history):
+        applied = sorted((output.chunk_index, len(output.outputs))
+                         for record, table in rows(run.output_files)
+                         for output in outputs_from_table(table, record.path))
+        ended = [reason for _, table in rows(run.final_state_files)
+                 for reason in table.column("end_reason").to_pylist()]
+        if applied or ended:
+            runs.append({"run_id": run.run_id, "chunks": [index for index, _ in applied],
+                         "steps": sum(steps for _, steps in applied),
+                         **({"ended": ended[0]} if ended else {})})
+    if not states and not pending and not runs:
+        raise KeyError(f"sequence {sequence_id!r} is in no committed run of {state_url} "
+                       f"({manifest.sequences} sequences in snapshot {manifest.run_id})")
+    details = {"sequence_id": sequence_id, "snapshot": manifest.run_id}
+    if states:
+        state = states[0]
+        details |= {
+            "status": "closed" if state.closed else "live",
+            "next_chunk_index": state.next_chunk_index, "steps_seen": state.steps_seen,
+            "model_fingerprint": state.model_fingerprint,
+            "last_run_number": state.last_run_number,
+            "last_touched_at": datetime.datetime.fromtimestamp(
+                state.last_touched_at, datetime.timezone.utc).isoformat(),
+            "state_norms": {name: round(float(np.linalg.norm(part)), 6)
+                            for name, part in zip(manifest.state_names, state.tensors)},
+        }
+    details["pending_chunks"] = [{"chunk_index": c.chunk_index, "steps": c.steps,
+                                  "arrived_in_run": c.arrived_in_run} for c in pending]
+    details["runs"] = runs
+    return details

@@ -162,13 +162,13 @@ class ContractError(ValueError):
 
 
 def matrix_array(matrices: Sequence[np.ndarray]) -> pa.Array:
-    """``list<list<float32>>`` array from 2-D arrays that share their second dimension."""
+    """``list<list<float32>>`` array from 2-D arrays (each row its own shape)."""
     if not matrices:
         return pa.array([], type=_MATRIX)
-    width = int(matrices[0].shape[1])
     rows = np.fromiter((m.shape[0] for m in matrices), dtype=np.int64, count=len(matrices))
+    widths = np.fromiter((m.shape[1] for m in matrices), dtype=np.int64, count=len(matrices))
     outer_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
-    inner_offsets = (np.arange(outer_offsets[-1] + 1, dtype=np.int64) * width).astype(np.int32)
+    inner_offsets = np.concatenate([[0], np.cumsum(np.repeat(widths, rows))]).astype(np.int32)
     values = pa.array(np.concatenate([np.asarray(m, np.float32).reshape(-1) for m in matrices]))
     inner = pa.ListArray.from_arrays(pa.array(inner_offsets), values)
     return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)

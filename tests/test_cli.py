@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.demo import make_model, write_chunk_files
 from schemas import Chunk
@@ -66,6 +68,20 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
 
     debug = seqcarry("--debug", "run", *common, "--chunks", str(tmp_path / "x" / "*.parquet"))
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+    other = make_model(str(tmp_path / "other.keras"), 3, (4,), 2, seed=9)
+    mismatch = seqcarry("run", "--model", other, *common[2:], "--chunks", str(chunks))
+    assert mismatch.returncode == 2
+    assert "was written by model sha256:" in error_line(mismatch)
+    assert "--reset-state" in error_line(mismatch)
+
+    wrong_schema = tmp_path / "wrong"
+    wrong_schema.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "x": [1.0]}), str(wrong_schema / "w.parquet"))
+    dead_lettered = seqcarry("run", *common, "--chunks", str(wrong_schema), "--run-id", "r2")
+    assert dead_lettered.returncode == 0, dead_lettered.stderr[-2000:]
+    assert json.loads(dead_lettered.stdout)["chunks_rejected_by_reason"] == {
+        "missing_column": 1}
 
 
 def test_demo_runs_three_times_and_checks_against_keras(tmp_path):

@@ -1,0 +1,128 @@
+"""The run history report (``seqcarry report``): a table and plots of every committed
+run, as text or as one self-contained HTML file (plots embedded as PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+from pipeline import storage
+from schemas.validation import READ_REASONS
+from transforms.sequencing import PLAN_REASONS
+
+CATEGORIES = ("chunks_processed", "chunks_deferred", "chunks_skipped_duplicate",
+              "chunks_rejected")
+REASONS = READ_REASONS + PLAN_REASONS
+COLUMNS = ("run_id", "chunks_read", *CATEGORIES, "chunks_pending_total", "sequences_live",
+           "steps_processed", "steps_per_second", "seconds")
+
+
+def history_rows(state_url: str) -> list[dict]:
+    """One row per committed run, oldest first: its report's numbers."""
+    store = storage.StateStore(state_url)
+    rows = []
+    for manifest in reversed(store.history()):
+        url = store.report_url(manifest.run_id)
+        report = storage.read_json(url) if storage.exists(url) else {}
+        rows.append({"run_id": manifest.run_id, "created_at": manifest.created_at,
+                     **{column: report.get(column, 0) for column in COLUMNS[1:]},
+                     "rejected_by_reason": report.get("chunks_rejected_by_reason", {})})
+    return rows
+
+
+def text_table(rows: list[dict]) -> str:
+    """The history as aligned columns."""
+    table = [COLUMNS] + [tuple(str(row[c]) for c in COLUMNS) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(line, widths)))
+                     for line in table)
+
+
+def figures(rows: list[dict]) -> dict:
+    """The four plots of the report, by title (matplotlib Figures)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [row["run_id"] for row in rows]
+    positions = list(range(len(rows)))
+    plots = {}
+
+    def new(title, ylabel, counts=True):
+        figure, axes = plt.subplots(figsize=(8, 3.6), dpi=100)
+        if counts:
+            axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_title(title, fontsize=12, loc="left")
+        axes.set_ylabel(ylabel)
+        axes.set_xticks(positions, runs, rotation=30 if len(runs) > 4 else 0,
+                        ha="right" if len(runs) > 4 else "center", fontsize=9)
+        axes.grid(axis="y", alpha=0.3)
+        axes.spines[["top", "right"]].set_visible(False)
+        plots[title] = figure
+        return axes
+
+    def stacked(axes, series: dict[str, list[int]]):
+        bottom = [0] * len(rows)
+        for label, values in series.items():
+            axes.bar(positions, values, bottom=bottom, label=label, width=0.6)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        if any(bottom):
+            axes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+        else:
+            axes.text(0.5, 0.5, "none in these runs", transform=axes.transAxes,
+                      ha="center", color="grey")
+
+    stacked(new("Chunks read, by what happened to them", "chunks"),
+            {c.removeprefix("chunks_").replace("_", " "): [row[c] for row in rows]
+             for c in CATEGORIES})
+    axes = new("Throughput", "steps per second", counts=False)
+    axes.plot(positions, [row["steps_per_second"] for row in rows], marker="o")
+    axes.set_ylim(bottom=0)
+    axes = new("Live sequences and pending chunks after each run", "count")
+    axes.plot(positions, [row["sequences_live"] for row in rows], marker="o", label="live")
+    axes.plot(positions, [row["chunks_pending_total"] for row in rows], marker="s",
+              linestyle="--", label="pending chunks")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8, frameon=False)
+    reasons = [r for r in REASONS if any(row["rejected_by_reason"].get(r) for row in rows)]
+    stacked(new("Dead letters, by reason", "chunks rejected"),
+            {r: [row["rejected_by_reason"].get(r, 0) for row in rows] for r in reasons})
+    for figure in plots.values():
+        figure.tight_layout()
+    return plots
+
+
+def html_page(state_url: str, rows: list[dict]) -> str:
+    """One self-contained HTML page: the table, the plots as embedded PNGs, and the
+    plotted numbers as JSON (``<script id="report-data">``)."""
+    images = []
+    for title, figure in figures(rows).items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        images.append(f'<figure><img alt="{html.escape(title)}" '
+                      f'src="data:image/png;base64,{encoded}"></figure>')
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row[c]))}</td>" for c in COLUMNS)
+                   + "</tr>" for row in rows)
+    data = json.dumps(rows).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>seqcarry runs: {html.escape(state_url)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ margin: 1.5em 0; }}
+</style></head><body>
+<h1>seqcarry run history</h1>
+<p>State: <code>{html.escape(state_url)}</code>, {len(rows)} committed runs, oldest first.</p>
+<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
+{''.join(images)}
+<script type="application/json" id="report-data">{data}</script>
+</body></html>
+"""

@@ -1,0 +1,91 @@
+"""The run history report and `seqcarry inspect` on the demo's messy three-run history:
+the plots hold the run reports' numbers, the HTML stands alone, and the CLI answers."""
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import report, storage
+from pipeline.demo import run_demo
+
+SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo") / "demo")
+    assert run_demo(workdir, sequences=16, beam_args=["--direct_running_mode=in_memory"]) < 1e-5
+    return os.path.join(workdir, "state")
+
+
+def reports(state):
+    store = storage.StateStore(state)
+    return [storage.read_json(store.report_url(m.run_id)) for m in reversed(store.history())]
+
+
+def test_rows_and_plots_hold_the_numbers_of_the_run_reports(history):
+    rows, runs = report.history_rows(history), reports(history)
+    assert [r["run_id"] for r in rows] == ["demo-run-1", "demo-run-2", "demo-run-3"]
+    for row, run in zip(rows, runs):
+        for column in report.COLUMNS:
+            assert row[column] == run[column]
+    assert sum(r["chunks_rejected"] for r in rows) == 3  # the demo's messy input
+    assert sum(r["chunks_deferred"] for r in rows) > 0
+
+    plots = report.figures(rows)
+    chunks, throughput, live, dead = (plots[t].axes[0] for t in plots)
+    heights = [bar.get_height() for bar in chunks.patches]  # stacked: category by category
+    assert heights == [row[c] for c in report.CATEGORIES for row in rows]
+    assert list(throughput.lines[0].get_ydata()) == [r["steps_per_second"] for r in runs]
+    assert list(live.lines[0].get_ydata()) == [r["sequences_live"] for r in runs]
+    assert list(live.lines[1].get_ydata()) == [r["chunks_pending_total"] for r in runs]
+    by_reason = {}
+    for run in runs:
+        for reason, count in run["chunks_rejected_by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    labels = [text.get_text() for text in dead.get_legend().get_texts()]
+    totals = {label: sum(bar.get_height() for bar in container)
+              for label, container in zip(labels, dead.containers)}
+    assert totals == by_reason
+
+
+def test_html_report_is_self_contained(history):
+    page = report.html_page(history, report.history_rows(history))
+    images = re.findall(r'<img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)'
+                                r'</script>', page, re.S).group(1))
+    assert data == report.history_rows(history)
+
+
+def seqcarry(*args):
+    return subprocess.run([SEQCARRY, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_report_and_inspect_commands(history, tmp_path):
+    html = tmp_path / "runs.html"
+    done = seqcarry("report", "--state", history, "--html", str(html))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "demo-run-3" in done.stdout and html.read_text().startswith("<!doctype html>")
+
+    shown = seqcarry("inspect", "--state", history, "--sequence", "seq-00003", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    details = json.loads(shown.stdout)
+    applied = [i for run in details["runs"] for i in run["chunks"]]
+    assert applied == list(range(details["next_chunk_index"]))
+    assert details["steps_seen"] == sum(run["steps"] for run in details["runs"])
+    text = seqcarry("inspect", "--state", history, "--sequence", "seq-00003")
+    assert "|layer0_h| =" in text.stdout and "runs that applied its chunks" in text.stdout
+
+    missing = seqcarry("inspect", "--state", history, "--sequence", "no-such-sequence")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith(
+        "seqcarry: error: sequence 'no-such-sequence' is in no committed run")
+    empty = seqcarry("report", "--state", str(tmp_path / "nothing"))
+    assert empty.returncode == 2 and "has no committed run" in empty.stderr
