@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="no progress lines on stderr (only the result and errors)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def command(name: str, summary: str, description: str, example: str,
+                state: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description,
+                                  epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        if state:
+            sub.add_argument("--state", required=True, help="state directory or URL")
+        return sub
+
     run = commands.add_parser(
         "run", help="apply new chunks to the carried state and commit a new snapshot",
         description="Read new chunks, continue each sequence from its carried state, write "
@@ -49,69 +58,54 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(run)
 
-    snapshots = commands.add_parser(
-        "snapshots", help="list the committed snapshots, newest first",
-        description="List the committed snapshots of a state directory, newest first, "
-                    "following parents from CURRENT (marked with *).",
-        epilog="example:\n  seqcarry snapshots --state gs://my-bucket/seqcarry/state",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    snapshots.add_argument("--state", required=True, help="state directory or URL")
+    command("snapshots", "list the committed snapshots, newest first",
+            "List the committed snapshots of a state directory, newest first, following "
+            "parents from CURRENT (marked with *).",
+            "seqcarry snapshots --state gs://my-bucket/seqcarry/state")
 
-    verify = commands.add_parser(
-        "verify", help="check a snapshot's files against its manifest, running nothing",
-        description="Check every file of a snapshot (default: the committed one) against "
-                    "its manifest: present, same sha256 and row count, readable. Exit code "
-                    f"{EXIT_STORAGE} names the first damaged file.",
-        epilog="example:\n  seqcarry verify --state state/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("--state", required=True, help="state directory or URL")
+    verify = command(
+        "verify", "check a snapshot's files against its manifest, running nothing",
+        "Check every file of a snapshot (default: the committed one) against its manifest: "
+        f"present, same sha256 and row count, readable. Exit code {EXIT_STORAGE} names the "
+        "first damaged file.", "seqcarry verify --state state/")
     verify.add_argument("--run-id", dest="run_id", default=None,
                         help="snapshot to check (default: the committed one)")
 
-    rollback = commands.add_parser(
-        "rollback", help="make an earlier committed snapshot the current one",
-        description="Point CURRENT back at an earlier committed snapshot (after verifying "
-                    "it). Later runs continue from there; the snapshots rolled back stay "
-                    "on disk until --keep removes them.",
-        epilog="example:\n  seqcarry rollback --state state/ --to 2026-11-24",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    rollback.add_argument("--state", required=True, help="state directory or URL")
+    rollback = command(
+        "rollback", "make an earlier committed snapshot the current one",
+        "Point CURRENT back at an earlier committed snapshot (after verifying it). Later "
+        "runs continue from there; the snapshots rolled back stay on disk until --keep "
+        "removes them.", "seqcarry rollback --state state/ --to 2026-11-24")
     rollback.add_argument("--to", required=True, dest="to", metavar="RUN_ID",
                           help="run id of the snapshot to go back to")
 
-    inspect = commands.add_parser(
-        "inspect", help="show one sequence: its carried state, pending chunks, runs",
-        description="Show what the committed history holds about one sequence: status, "
-                    "next chunk index, steps seen, the norm of each state part, its "
-                    "pending chunks, and the runs that applied its chunks (this reads the "
-                    "outputs of every committed run).",
-        epilog="example:\n  seqcarry inspect --state build/demo/state --sequence seq-00007",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    inspect.add_argument("--state", required=True, help="state directory or URL")
+    inspect = command(
+        "inspect", "show one sequence: its carried state, pending chunks, runs",
+        "Show what the committed history holds about one sequence: status, next chunk "
+        "index, steps seen, the norm of each state part, its pending chunks, and the runs "
+        "that applied its chunks (this reads the outputs of every committed run).",
+        "seqcarry inspect --state build/demo/state --sequence seq-00007")
     inspect.add_argument("--sequence", required=True, help="the sequence_id to show")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    report = commands.add_parser(
-        "report", help="the run history as a table, and as an HTML page with plots",
-        description="The committed runs as a table: chunks by category, pending chunks, "
-                    "live sequences, throughput. With --html, also one self-contained "
-                    "HTML file with plots (chunks by category per run, steps/s per run, "
-                    "live sequences and pending chunks over time, dead letters by reason).",
-        epilog="example:\n  seqcarry report --state build/demo/state --html runs.html",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("--state", required=True, help="state directory or URL")
+    report = command(
+        "report", "the run history as a table, and as an HTML page with plots",
+        "The committed runs as a table: chunks by category, pending chunks, live sequences, "
+        "throughput. With --html, also one self-contained HTML file with plots (chunks by "
+        "category per run, steps/s per run, live sequences and pending chunks over time, "
+        "dead letters by reason).",
+        "seqcarry report --state build/demo/state --html runs.html")
     report.add_argument("--html", default=None, metavar="FILE",
                         help="also write the report with plots to FILE")
 
-    demo = commands.add_parser(
-        "demo", help="generate a model and data, run three times, check against Keras",
-        description="The built-in demo (what `make run` runs): a generated 2-layer LSTM "
-                    "model and a few hundred sequences spread over three runs on the "
-                    "DirectRunner, checked against Keras on each whole sequence.",
-        epilog="Any other --flag is passed to Beam.\n\nexample:\n  seqcarry demo --workdir "
-               "/tmp/seqcarry-demo --direct_running_mode=multi_processing "
-               "--direct_num_workers=2",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = command(
+        "demo", "generate a model and data, run three times, check against Keras",
+        "The built-in demo (what `make run` runs): a generated 2-layer LSTM model and a few "
+        "hundred sequences spread over three runs on the DirectRunner, with some messy "
+        "input, checked against Keras on each whole sequence. Any other --flag is passed "
+        "to Beam.",
+        "seqcarry demo --workdir /tmp/seqcarry-demo --direct_running_mode=multi_processing "
+        "--direct_num_workers=2", state=False)
     demo.add_argument("--workdir", default="build/demo",
                       help="where the demo writes everything (emptied first; default "
                            "build/demo)")

@@ -62,3 +62,13 @@ def test_the_pipeline_builds_and_serializes_with_cluster_runner_options(plan, op
         assert parsed.view_as(SetupOptions).setup_file == "./setup.py"
     else:
         assert type(beam.Pipeline(options=parsed).runner).__name__ == "FlinkRunner"
+
+
+def test_the_model_is_loaded_once_per_process_whatever_the_dofn_copies(plan):
+    # Runners unpickle a DoFn once per thread or bundle; Beam's Shared keeps one model.
+    template = RunBatches(plan.config.model, 4, 16)
+    copies = [pickler.loads(pickler.dumps(template)) for _ in range(3)]
+    for dofn in copies:
+        dofn.setup()
+    assert copies[0]._model is copies[1]._model is copies[2]._model
+    assert copies[0]._model.kernel.traces == 0  # compiled lazily, once, on first use

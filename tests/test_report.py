@@ -89,3 +89,19 @@ def test_report_and_inspect_commands(history, tmp_path):
         "seqcarry: error: sequence 'no-such-sequence' is in no committed run")
     empty = seqcarry("report", "--state", str(tmp_path / "nothing"))
     assert empty.returncode == 2 and "has no committed run" in empty.stderr
+
+
+def test_snapshots_and_rollback_commands(tmp_path):
+    run_demo(str(tmp_path / "demo"), sequences=6,
+             beam_args=["--direct_running_mode=in_memory"])
+    state = str(tmp_path / "demo" / "state")
+    listed = seqcarry("snapshots", "--state", state)
+    assert listed.returncode == 0
+    assert [line.split()[-5] for line in listed.stdout.splitlines()[1:]] == [
+        "demo-run-3", "demo-run-2", "demo-run-1"]  # newest first, CURRENT marked *
+    assert listed.stdout.splitlines()[1].startswith("*")
+    back = seqcarry("rollback", "--state", state, "--to", "demo-run-2")
+    assert back.returncode == 0 and back.stdout.strip() == \
+        "CURRENT moved from demo-run-3 to demo-run-2"
+    unknown = seqcarry("rollback", "--state", state, "--to", "never")
+    assert unknown.returncode == 4 and "never is not a committed snapshot" in unknown.stderr
