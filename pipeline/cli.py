@@ -25,7 +25,9 @@ example:
 
 EXIT_CODES = f"""\
 exit codes: {EXIT_OK} ok, {EXIT_BAD_INPUT} bad input (model, chunk files, options),
-            {EXIT_STORAGE} storage error, {EXIT_STATE_CONFLICT} state conflict (state moved, run id taken)
+            {EXIT_STORAGE} storage error (unreachable or damaged files),
+            {EXIT_STATE_CONFLICT} state conflict (state moved, run id taken),
+            1 unexpected error (a bug: please report it with the --debug output)
 """
 
 

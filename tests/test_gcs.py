@@ -6,7 +6,6 @@ import sys
 import time
 
 import fsspec
-import numpy as np
 import pytest
 
 from pipeline import results, storage

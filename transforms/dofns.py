@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline import storage
-from schemas import (CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_from_table,
+from schemas import (ChunkOutput, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
 from schemas.validation import chunk_dead_letter, validate_chunks
