@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv run test test-all clean
+.PHONY: venv run test test-all bench clean
 
 venv: $(INSTALLED)
 
@@ -24,6 +24,11 @@ test: $(INSTALLED)
 
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest -m ''
+
+# Steps/s of the pipeline vs plain Keras vs one-sequence-at-a-time vs the kernel alone.
+# BENCH_ARGS=--scale=0.25 for a quick run.
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

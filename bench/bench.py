@@ -1,0 +1,168 @@
+"""``make bench``: steps per second of four ways to run the same LSTM, measured in one
+process run on one synthetic workload, and the ratios between them.
+
+  (a) pipeline  seqcarry run end to end: DirectRunner, local Parquet in and out, commit
+  (b) keras     plain Keras over the whole sequences in memory, batch 256, tf.function
+  (c) seed      one sequence at a time (batch 1), chunk by chunk, (h, c) carried by hand
+  (d) kernel    seqcarry's batched step alone, on in-memory arrays
+
+Default workload (issue 7): 2,048 sequences x 1,024 steps in chunks of 128, input
+width 32, one LSTM layer of 128 units, Dense head of 8. ``--scale`` shrinks the number
+of sequences for a quick run. (c) is timed on a subset: it is slow by design, and a
+rate does not depend on how many sequences it is measured over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+SEQUENCES, STEPS, CHUNK, INPUT_DIM, UNITS, OUTPUTS = 2048, 1024, 128, 32, 128, 8
+KERAS_BATCH = 256
+SEED_SEQUENCES = 16
+
+
+def workload(root: str, sequences: int) -> tuple[str, np.ndarray, str]:
+    """The model file, the features [sequences, steps, input_dim], the chunk directory."""
+    import keras
+
+    from pipeline.demo import write_chunk_files
+    from schemas import Chunk
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, INPUT_DIM)),
+                              keras.layers.LSTM(UNITS, return_sequences=True),
+                              keras.layers.Dense(OUTPUTS)])
+    model_path = os.path.join(root, "model.keras")
+    model.save(model_path)
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(sequences, STEPS, INPUT_DIM)).astype(np.float32)
+    chunks = [Chunk(f"seq-{s:05d}", c, features[s, c * CHUNK:(c + 1) * CHUNK])
+              for s in range(sequences) for c in range(STEPS // CHUNK)]
+    chunk_dir = os.path.join(root, "chunks")
+    write_chunk_files(chunk_dir, chunks, files=16, rng=rng)
+    return model_path, features, chunk_dir
+
+
+def timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def pipeline_rate(root: str, model_path: str, chunk_dir: str) -> tuple[float, dict]:
+    from pipeline.build import run_job
+    from pipeline.options import RunConfig
+
+    config = RunConfig(model=model_path, chunks=chunk_dir, state=os.path.join(root, "state"),
+                       outputs=os.path.join(root, "outputs"), run_id="bench")
+    report = run_job(config, ["--direct_running_mode=in_memory"])
+    return report["steps_processed"] / report["seconds"], report
+
+
+def keras_rate(model_path: str, features: np.ndarray) -> float:
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(model_path)
+    call = tf.function(model)
+    call(features[:KERAS_BATCH])  # trace outside the timing
+
+    def run():
+        for start in range(0, len(features), KERAS_BATCH):
+            call(features[start:start + KERAS_BATCH]).numpy()
+    return features.shape[0] * STEPS / timed(run)
+
+
+def seed_rate(model_path: str, features: np.ndarray) -> float:
+    """The seed's way: one session per sequence, feeding (h, c) back chunk by chunk."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(model_path)
+    lstm, dense = model.layers
+    twin = keras.layers.LSTM.from_config(lstm.get_config() | {"return_state": True})
+    inputs = keras.Input((None, INPUT_DIM))
+    h0, c0 = keras.Input((UNITS,)), keras.Input((UNITS,))
+    sequence, h, c = twin(inputs, initial_state=[h0, c0])
+    twin.set_weights(lstm.get_weights())
+    step = tf.function(keras.Model([inputs, h0, c0], [dense(sequence), h, c]))
+    zeros = np.zeros((1, UNITS), np.float32)
+    step([features[:1, :CHUNK], zeros, zeros])
+    subset = features[:SEED_SEQUENCES]
+
+    def run():
+        for sequence in subset:
+            h, c = zeros, zeros
+            for start in range(0, STEPS, CHUNK):
+                _, h, c = step([sequence[None, start:start + CHUNK], h, c])
+                h, c = h.numpy(), c.numpy()  # saved between sessions, as in the seed
+    return len(subset) * STEPS / timed(run)
+
+
+def kernel_rate(model_path: str, features: np.ndarray) -> float:
+    from transforms.kernel import StepKernel
+    from transforms.model import load_model
+
+    stack = load_model(model_path)
+    kernel = StepKernel(stack)
+    batch = KERAS_BATCH
+    zeros = [np.zeros((batch, size), np.float32) for size in stack.state_sizes]
+    lengths = np.full(batch, STEPS)
+    kernel.run(features[:batch, :CHUNK], np.full(batch, CHUNK), zeros)  # trace
+
+    def run():
+        for start in range(0, len(features), batch):
+            rows = features[start:start + batch]
+            kernel.run(rows, lengths[:len(rows)], [z[:len(rows)] for z in zeros])
+    return features.shape[0] * STEPS / timed(run)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of the 2,048 sequences to use (default 1.0)")
+    parser.add_argument("--workdir", default="build/bench")
+    parser.add_argument("--out", default="build/bench.json")
+    args = parser.parse_args(argv)
+
+    sequences = max(KERAS_BATCH, int(SEQUENCES * args.scale))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    model_path, features, chunk_dir = workload(args.workdir, sequences)
+    print(f"workload: {sequences} sequences x {STEPS} steps, chunks of {CHUNK}, input "
+          f"{INPUT_DIM}, LSTM {UNITS}, Dense {OUTPUTS}")
+    rates = {}
+    rates["a_pipeline"], report = pipeline_rate(args.workdir, model_path, chunk_dir)
+    rates["b_keras"] = keras_rate(model_path, features)
+    rates["c_seed"] = seed_rate(model_path, features)
+    rates["d_kernel"] = kernel_rate(model_path, features)
+    ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
+              "a/c": rates["a_pipeline"] / rates["c_seed"],
+              "d/b": rates["d_kernel"] / rates["b_keras"]}
+    targets = {"a/b": 0.7, "a/c": 15.0, "d/b": 1.6}
+    print(f"\n{'way':<12}{'steps/s':>14}")
+    for name, rate in rates.items():
+        print(f"{name:<12}{rate:>14,.0f}")
+    print(f"\n{'ratio':<8}{'measured':>10}{'target':>9}")
+    for name, value in ratios.items():
+        print(f"{name:<8}{value:>10.2f}{targets[name]:>9.1f}"
+              f"{'' if value >= targets[name] else '   (missed)'}")
+    result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
+              "ratios": ratios, "targets": targets, "pipeline_report": report}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=2, default=str)
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
