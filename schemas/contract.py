@@ -11,6 +11,7 @@ Python lists of floats, so large chunks stay cheap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Sequence
 
@@ -97,9 +98,10 @@ class Chunk:
     def steps(self) -> int:
         return int(self.features.shape[0])
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
-        """8 bytes identifying the chunk's content (features and is_last)."""
+        """8 bytes identifying the chunk's content (features and is_last); computed once
+        (planning compares it several times)."""
         digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
         digest.update(np.asarray(self.features.shape, np.int64).tobytes())
         digest.update(np.ascontiguousarray(self.features, np.float32).tobytes())
