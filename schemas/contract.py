@@ -18,8 +18,6 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-
 _MATRIX = pa.list_(pa.list_(pa.float32()))
 _VECTOR = pa.list_(pa.float32())
 
