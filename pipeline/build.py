@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import logging
 import re
 import time
@@ -230,10 +229,8 @@ def commit(plan: RunPlan, manifest: storage.Manifest, metrics: dict[str, Any],
             f"run {plan.run_id} read {counts.get('chunks_read', 0)} chunks but accounted for "
             f"{accounted} ({', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); "
             "nothing was committed")
-    manifest_sha256 = hashlib.sha256(
-        storage.read_bytes(store.manifest_url(plan.run_id))).hexdigest()
     storage.fault_point("before_commit")
-    store.commit(plan.run_id, manifest_sha256, plan.parent_pointer)
+    store.commit(plan.run_id, plan.parent_pointer)
     storage.fault_point("after_commit")
     report = make_report(manifest, plan.config, seconds) | {"metrics": metrics}
     store.write_report(plan.run_id, report)

@@ -23,11 +23,11 @@ def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
 
 
 def committed_states(state_url: str) -> dict[str, CarriedState]:
-    """The committed snapshot's carried state of every live sequence."""
-    history = storage.StateStore(state_url).history()
-    if not history:
+    """The committed snapshot's carried state of every sequence (closed ones as
+    tombstones)."""
+    manifest = storage.StateStore(state_url).committed()
+    if manifest is None:
         return {}
-    manifest = history[0]
     return {state.sequence_id: state
             for record in manifest.state_files
             for state in states_from_table(storage.read_table(record.path, record),
@@ -43,12 +43,11 @@ def sequence_details(state_url: str, sequence_id: str) -> dict:
         raise KeyError(f"{state_url} has no committed snapshot")
     manifest = history[0]
 
-    def rows(records, source_filter=True):
+    def rows(records):
+        """Each file's rows of this sequence."""
         for record in records:
             table = storage.read_table(record.path, record)
-            if source_filter:
-                table = table.filter(pc.equal(table["sequence_id"], sequence_id))
-            yield record, table
+            yield record, table.filter(pc.equal(table["sequence_id"], sequence_id))
 
     states = [state for record, table in rows(manifest.state_files)
               for state in states_from_table(table, manifest.state_names, record.path)]

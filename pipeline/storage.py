@@ -173,11 +173,8 @@ def _parse_json(url: str, data: bytes) -> Any:
         raise IntegrityError(f"{url} is not valid JSON: {error}") from error
 
 
-def write_json(url: str, payload: Any) -> str:
-    """Write ``payload`` as JSON; returns the sha256 of the bytes written."""
-    data = _json_bytes(payload)
-    _write_bytes(url, data)
-    return hashlib.sha256(data).hexdigest()
+def write_json(url: str, payload: Any) -> None:
+    _write_bytes(url, _json_bytes(payload))
 
 
 def read_json(url: str) -> Any:
@@ -204,9 +201,10 @@ def write_table(url: str, table: pa.Table) -> FileRecord:
 def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
     """Read a Parquet file; with ``expected``, first check its sha256 and row count."""
     data = read_bytes(url)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
+    digest = hashlib.sha256(data).hexdigest() if expected is not None else None
+    if expected is not None and digest != expected.sha256:
         raise IntegrityError(
-            f"{url} is damaged: its sha256 is {hashlib.sha256(data).hexdigest()}, the "
+            f"{url} is damaged: its sha256 is {digest}, the "
             f"manifest says {expected.sha256} ({len(data)} bytes read); nothing was changed")
     try:
         table = pq.read_table(pa.BufferReader(data))
@@ -365,31 +363,35 @@ class StateStore:
         return manifest
 
     # -- writing --
-    def write_manifest(self, manifest: Manifest) -> str:
-        """Write the (uncommitted) manifest; returns its sha256 for the commit."""
-        return write_json(self.manifest_url(manifest.run_id), manifest.to_json())
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write the (uncommitted) manifest."""
+        write_json(self.manifest_url(manifest.run_id), manifest.to_json())
+
+    def _was_committed(self, run_id: str) -> bool:
+        """Whether ``run_id``'s snapshot was committed at some point (it has a report,
+        or is in the history; a run killed right after its commit has no report)."""
+        return exists(self.report_url(run_id)) or any(
+            m.run_id == run_id for m in self.history())
 
     def prepare_run(self, run_id: str, outputs_url: str) -> None:
         """Make ``run_id`` ready to be written: refuse a committed one, and remove what
         an earlier, uncommitted attempt with this id left behind."""
-        if exists(self.manifest_url(run_id)) and (
-                exists(self.report_url(run_id))
-                or any(m.run_id == run_id for m in self.history())):
+        if exists(self.manifest_url(run_id)) and self._was_committed(run_id):
             raise StateConflictError(f"run id {run_id} is already committed under "
                                      f"{self.url}; pass a new --run-id")
         remove_tree(self.snapshot_url(run_id))
         remove_tree(join(outputs_url, run_id))
 
-    def commit(self, run_id: str, manifest_sha256: str, expected: Pointer | None) -> None:
-        """Move CURRENT from ``expected`` (what the run started from) to ``run_id``.
+    def commit(self, run_id: str, expected: Pointer | None) -> None:
+        """Move CURRENT from ``expected`` (what the run started from) to ``run_id``,
+        recording the sha256 of ``run_id``'s manifest.
 
         The manifest must already be written. If CURRENT moved meanwhile, nothing is
         changed and :class:`StateConflictError` says from what to what.
         """
-        if not exists(self.manifest_url(run_id)):
-            raise StorageError(f"cannot commit {run_id}: {self.manifest_url(run_id)} is missing")
+        manifest = read_bytes(self.manifest_url(run_id))  # StorageError if missing
         pointer = _json_bytes({
-            "run_id": run_id, "manifest_sha256": manifest_sha256,
+            "run_id": run_id, "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
         if not _swap_pointer(self._current_url, expected.token if expected else None, pointer):
             now = self.current()
@@ -404,15 +406,12 @@ class StateStore:
         pointer = self.current()
         if pointer and pointer.run_id == run_id:
             raise StateConflictError(f"{run_id} is already the committed snapshot")
-        was_committed = exists(self.report_url(run_id)) or any(
-            m.run_id == run_id for m in self.history())
-        if not (was_committed and exists(self.manifest_url(run_id))):
+        if not (exists(self.manifest_url(run_id)) and self._was_committed(run_id)):
             raise StateConflictError(
                 f"{run_id} is not a committed snapshot of {self.url}; "
                 f"`seqcarry snapshots --state {self.url}` lists them")
         manifest = self.verify(run_id)
-        sha256 = hashlib.sha256(read_bytes(self.manifest_url(run_id))).hexdigest()
-        self.commit(run_id, sha256, pointer)
+        self.commit(run_id, pointer)
         return manifest
 
     def prune(self, keep: int) -> list[str]:

@@ -8,12 +8,13 @@ import time
 import fsspec
 import pytest
 
-from pipeline import results, storage
+from pipeline import storage
 from pipeline.build import commit, execute, plan_run, run_job
 from pipeline.options import RunConfig
 from tests import gcs
 from tests.conftest import IN_PROCESS, TWO_WORKERS
 from tests.test_pipeline import assert_equals_whole_sequence_model
+from tests.test_state_store import final_state
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 
@@ -36,11 +37,6 @@ def gs_config(model, chunks, bucket, run_id, **extra):
     return RunConfig(model=model, chunks=chunks, state=f"{bucket}/state",
                      outputs=f"{bucket}/outputs", run_id=run_id, batch_size=4,
                      window_steps=16, **extra)
-
-
-def final_state(state_url):
-    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
-            for sid, s in results.committed_states(state_url).items()}
 
 
 def test_oracle_with_chunks_state_outputs_and_model_on_gcs(workload, bucket):

@@ -116,16 +116,16 @@ def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, reque
     names = ["base"] + [f"run{i}" for i in range(8)]
     for name in names:
         storage.write_json(store.manifest_url(name), {"run_id": name})
-    store.commit("base", "sha", None)
+    store.commit("base", None)
     with pytest.raises(storage.StateConflictError, match="state moved from empty to base"):
-        store.commit("run0", "sha", None)  # create-only: CURRENT exists now
+        store.commit("run0", None)  # create-only: CURRENT exists now
     base = store.current()
     wins, barrier = [], threading.Barrier(len(names) - 1)
 
     def contend(name):
         barrier.wait()
         try:
-            store.commit(name, "sha", base)
+            store.commit(name, base)
             wins.append(name)
         except storage.StateConflictError:
             pass
