@@ -35,9 +35,11 @@ assert set(_ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
 
 
 def _lstm_layer(layer: LSTMLayer, weights: Sequence[tf.Tensor], inputs: tf.Tensor,
-                mask: tf.Tensor, h: tf.Tensor, c: tf.Tensor):
-    """One LSTM layer over a window: inputs [B, T, D], mask [T, B, 1] -> h_seq [B, T, U]."""
+                mask: tf.Tensor, states: Sequence[tf.Tensor]):
+    """One LSTM layer over a window: inputs [B, T, D], mask [T, B, 1], states (h, c)
+    -> (h_seq [B, T, U], (h, c))."""
     kernel, recurrent_kernel, bias = weights
+    h, c = states
     activation = _ACTIVATION_FUNCTIONS[layer.activation]
     gate = _ACTIVATION_FUNCTIONS[layer.recurrent_activation]
     batch, steps = tf.shape(inputs)[0], tf.shape(inputs)[1]
@@ -60,7 +62,12 @@ def _lstm_layer(layer: LSTMLayer, weights: Sequence[tf.Tensor], inputs: tf.Tenso
 
     _, h, c, outputs = tf.while_loop(lambda t, *_: t < steps, step,
                                      (tf.constant(0), h, c, outputs))
-    return tf.transpose(outputs.stack(), [1, 0, 2]), h, c
+    return tf.transpose(outputs.stack(), [1, 0, 2]), (h, c)
+
+
+# The math of each recurrent layer kind: (layer, weights, inputs, mask, states) ->
+# (output sequence, new states), states in the order of the layer's ``state_parts``.
+_LAYER_MATH = {"lstm": _lstm_layer}
 
 
 class StepKernel:
@@ -88,11 +95,13 @@ class StepKernel:
     def _window_math(self, inputs, lengths, states):
         self.traces += 1  # runs at trace time only
         mask = tf.transpose(tf.sequence_mask(lengths, tf.shape(inputs)[1]))[:, :, None]
-        sequence, new_states = inputs, []
+        sequence, new_states, offset = inputs, [], 0
         for index, layer in enumerate(self.stack.recurrent):
-            h, c = states[2 * index], states[2 * index + 1]
-            sequence, h, c = _lstm_layer(layer, self._weights[index], sequence, mask, h, c)
-            new_states += [h, c]
+            parts = len(layer.state_parts)
+            sequence, layer_states = _LAYER_MATH[layer.kind](
+                layer, self._weights[index], sequence, mask, states[offset:offset + parts])
+            new_states += layer_states
+            offset += parts
         for index, layer in enumerate(self.stack.head, start=len(self.stack.recurrent)):
             kernel, bias = self._weights[index]
             sequence = _ACTIVATION_FUNCTIONS[layer.activation](
