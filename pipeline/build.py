@@ -49,12 +49,13 @@ class RunPlan:
     chunk_rows: int  # rows of the chunk files (before validation)
     state_shards: int
     planner: Planner
+    compact: bool  # read and rewrite every sequence, not only the touched ones
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Check the inputs and decide everything the pipeline needs to be built."""
-    if config.batch_size < 1 or config.window_steps < 1:
-        raise InputError("--batch-size and --window-steps must be at least 1")
+    if min(config.batch_size, config.window_steps, config.max_layers) < 1:
+        raise InputError("--batch-size, --window-steps and --max-layers must be at least 1")
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")
     stack = load_model(config.model)
@@ -76,7 +77,10 @@ def plan_run(config: RunConfig) -> RunPlan:
         raise InputError(f"no Parquet files match --chunks {config.chunks}")
     input_rows = sum(storage.parquet_rows(url) for url in chunk_files)
     live = parent.sequences if parent else 0
-    shards = max(1, -(-(live + input_rows) // ROWS_PER_STATE_FILE))
+    # Expiry and --reset-state concern every sequence, so they need a full read.
+    compact = bool(parent is None or parent.layers >= config.max_layers or config.reset_state
+                   or config.expire_after_runs or config.expire_after_days)
+    shards = max(1, -(-((live if compact else 0) + input_rows) // ROWS_PER_STATE_FILE))
     planner = Planner(
         run_id=run_id, run_number=parent.run_number + 1 if parent else 1,
         started_at=int(time.time()), zero_state=stack.zero_state(),
@@ -86,10 +90,11 @@ def plan_run(config: RunConfig) -> RunPlan:
                               if config.expire_after_days else None))
     store.prepare_run(run_id, config.outputs)
     _LOG.info("event=planned run_id=%s parent=%s files=%d chunks=%d sequences=%d "
-              "pending=%d", run_id, parent.run_id if parent else None, len(chunk_files),
-              input_rows, live, parent.pending_chunks if parent else 0)
+              "pending=%d layers=%d compact=%s", run_id, parent.run_id if parent else None,
+              len(chunk_files), input_rows, live, parent.pending_chunks if parent else 0,
+              parent.layers if parent else 0, compact)
     return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), input_rows,
-                   shards, planner)
+                   shards, planner, compact)
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
@@ -105,11 +110,14 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
                       + [(PENDING_FILE, r) for r in plan.parent.pending_files]
                       if plan.parent else [])
+    # An incremental run reads only the rows of the sequences it has chunks for.
+    touched = () if plan.compact else (beam.pvalue.AsList(
+        chunks["chunks"] | "TouchedIds" >> beam.Keys() | "Touched" >> beam.Distinct()),)
     snapshot = split(
         pipeline
         | "SnapshotFiles" >> beam.Create(snapshot_files)
         | "SpreadSnapshotFiles" >> beam.Reshuffle()
-        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names)),
+        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names), *touched),
         ("states", "pending"), "Snapshot")
     applied = (
         {"chunks": chunks["chunks"], "states": snapshot["states"],
@@ -123,7 +131,7 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
          "pending": applied["pending"] | "ShardPending" >> beam.Map(_shard_of, shards)}
         | "GroupSnapshotShards" >> beam.CoGroupByKey()
         | "WriteSnapshot" >> beam.ParDo(WriteSnapshotShard(
-            config.state, plan.run_id, shards, stack.state_names)))
+            config.state, plan.run_id, plan.planner.run_number, shards, stack.state_names)))
     outputs_written = applied["outputs"] | "WriteOutputs" >> beam.ParDo(
         WriteOutputPart(config.outputs, plan.run_id))
     dead_letters_written = (
@@ -149,9 +157,8 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         | "OneKey" >> beam.Map(lambda entry: (None, entry))
         | "GatherLedger" >> beam.GroupByKey()
         | "WriteManifest" >> beam.ParDo(WriteManifest(
-            config.state, plan.run_id, plan.planner.run_number,
-            plan.parent.run_id if plan.parent else None, stack.fingerprint,
-            stack.state_names)))
+            config.state, plan.run_id, plan.planner.run_number, plan.parent,
+            not plan.compact, stack.fingerprint, stack.state_names)))
 
 
 def _shard_of(item, shards: int):

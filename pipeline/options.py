@@ -25,6 +25,7 @@ class RunConfig:
     reset_state: bool = False
     expire_after_runs: int | None = None
     expire_after_days: float | None = None
+    max_layers: int = 8
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,3 +63,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expire-after-days", dest="expire_after_days", type=float,
                         default=None, metavar="D",
                         help="end sequences that received no chunk for D days (as above)")
+    parser.add_argument("--max-layers", dest="max_layers", type=int, default=8, metavar="N",
+                        help="a run reads and rewrites only the sequences it has chunks for, "
+                             "adding a layer of state files to the snapshot; when the "
+                             "snapshot has N layers, the run compacts it: reads and rewrites "
+                             "every sequence into one layer (default 8; 1 compacts every "
+                             "run). --reset-state and --expire-after-* always compact")

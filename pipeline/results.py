@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import storage
-from schemas import CarriedState, chunks_from_table, outputs_from_table, states_from_table
+from schemas import CarriedState, Chunk, chunks_from_table, outputs_from_table, states_from_table
 
 
 def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
@@ -22,16 +22,36 @@ def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
             for sequence_id, by_index in chunks.items()}
 
 
+def snapshot_contents(manifest: storage.Manifest, sequence_id: str | None = None
+                      ) -> tuple[dict[str, CarriedState], dict[str, list[Chunk]]]:
+    """A snapshot's carried state and pending chunks per sequence (closed sequences as
+    tombstones), resolved across its layers; only ``sequence_id``'s when given."""
+    versions = collections.defaultdict(list)
+    for kind, records in (("state", manifest.state_files), ("pending", manifest.pending_files)):
+        for record in records:
+            table = storage.read_table(record.path, record)
+            if sequence_id is not None:
+                table = table.filter(pc.equal(table["sequence_id"], sequence_id))
+            rows = (states_from_table(table, manifest.state_names, record.path)
+                    if kind == "state" else chunks_from_table(table, record.path, pending=True))
+            for row in rows:
+                versions[row.sequence_id].append((record.layer, (kind, row)))
+    states, pending = {}, {}
+    for key, rows in versions.items():
+        _, newest = storage.newest_layer(rows)
+        for kind, row in newest:
+            if kind == "state":
+                states[key] = row
+            else:
+                pending.setdefault(key, []).append(row)
+    return states, pending
+
+
 def committed_states(state_url: str) -> dict[str, CarriedState]:
     """The committed snapshot's carried state of every sequence (closed ones as
     tombstones)."""
     manifest = storage.StateStore(state_url).committed()
-    if manifest is None:
-        return {}
-    return {state.sequence_id: state
-            for record in manifest.state_files
-            for state in states_from_table(storage.read_table(record.path, record),
-                                           manifest.state_names, record.path)}
+    return snapshot_contents(manifest)[0] if manifest else {}
 
 
 def sequence_details(state_url: str, sequence_id: str) -> dict:
@@ -49,10 +69,8 @@ def sequence_details(state_url: str, sequence_id: str) -> dict:
             table = storage.read_table(record.path, record)
             yield record, table.filter(pc.equal(table["sequence_id"], sequence_id))
 
-    states = [state for record, table in rows(manifest.state_files)
-              for state in states_from_table(table, manifest.state_names, record.path)]
-    pending = [chunk for record, table in rows(manifest.pending_files)
-               for chunk in chunks_from_table(table, record.path, pending=True)]
+    states, pending = snapshot_contents(manifest, sequence_id)
+    state, pending = states.get(sequence_id), pending.get(sequence_id, [])
     runs = []
     for run in reversed(history):
         applied = sorted((output.chunk_index, len(output.outputs))
@@ -64,12 +82,11 @@ def sequence_details(state_url: str, sequence_id: str) -> dict:
             runs.append({"run_id": run.run_id, "chunks": [index for index, _ in applied],
                          "steps": sum(steps for _, steps in applied),
                          **({"ended": ended[0]} if ended else {})})
-    if not states and not pending and not runs:
+    if state is None and not pending and not runs:
         raise KeyError(f"sequence {sequence_id!r} is in no committed run of {state_url} "
                        f"({manifest.sequences} sequences in snapshot {manifest.run_id})")
     details = {"sequence_id": sequence_id, "snapshot": manifest.run_id}
-    if states:
-        state = states[0]
+    if state is not None:
         details |= {
             "status": "closed" if state.closed else "live",
             "next_chunk_index": state.next_chunk_index, "steps_seen": state.steps_seen,

@@ -4,8 +4,8 @@ through gcsfs, and other fsspec URLs).
 Layout under ``--state``::
 
     CURRENT                              the commit pointer (JSON: run id, manifest sha256)
-    snapshots/<run_id>/state-*.parquet   carried state, one row per sequence
-    snapshots/<run_id>/pending-*.parquet deferred chunks, waiting for earlier ones
+    snapshots/<run_id>/state-*.parquet   carried state of the sequences <run_id> touched
+    snapshots/<run_id>/pending-*.parquet their deferred chunks, waiting for earlier ones
     snapshots/<run_id>/manifest.json     files (rows, sha256), parent, fingerprint, counts
     runs/<run_id>/report.json            the run report
 
@@ -17,10 +17,12 @@ bundle rewrites its own file, never adds a copy), then its manifest, and only th
 swaps ``CURRENT`` from the snapshot it started from to its own, with a
 compare-and-swap: a generation precondition on ``gs://``, a lock plus atomic rename on
 local disk. ``CURRENT`` holds the manifest's sha256 and the manifest holds every
-file's, so everything a run reads from a snapshot is checked.
+file's, so everything a run reads from a snapshot is checked. Snapshots share
+unchanged files with their parents (see :class:`Manifest`).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -32,7 +34,7 @@ import os
 import signal
 import tempfile
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -124,6 +126,14 @@ def remove_tree(url: str) -> None:
             fs.rm(path, recursive=True)
 
 
+def remove_file(url: str) -> None:
+    """Delete one file if it exists."""
+    fs, path = _fs(url)
+    with _storage_errors(url, "delete"):
+        if fs.exists(path):
+            fs.rm_file(path)
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = _fs(url)
     try:
@@ -183,19 +193,24 @@ def read_json(url: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class FileRecord:
-    """A written data file: where, how many rows, and the sha256 of its bytes."""
+    """A written data file: where, how many rows, and the sha256 of its bytes.
+
+    ``layer`` is set on snapshot files: the run number of the run that wrote it (see
+    :class:`Manifest`).
+    """
     path: str
     rows: int
     sha256: str
+    layer: int | None = None
 
 
-def write_table(url: str, table: pa.Table) -> FileRecord:
+def write_table(url: str, table: pa.Table, layer: int | None = None) -> FileRecord:
     """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     data = buffer.getvalue()
     _write_bytes(url, data)
-    return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest())
+    return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest(), layer)
 
 
 def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
@@ -249,7 +264,19 @@ def fault_point(stage: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """What a snapshot holds; written before ``CURRENT`` is moved to it."""
+    """What a snapshot holds; written before ``CURRENT`` is moved to it.
+
+    A snapshot is *layered*, as table formats such as Iceberg and Delta Lake are: its
+    state and pending files are immutable and may have been written by earlier runs.
+    A run writes only the sequences it touched, in files of a new layer (numbered by
+    its run number), and lists them after its parent's files; a compacting run writes
+    every sequence into one new layer and lists nothing older. A sequence's state is
+    its row in the newest layer that has one (see :func:`newest_layer`), and its
+    pending chunks are the pending rows of that same layer.
+
+    ``counts`` holds the run's tallies and the snapshot's totals
+    (``sequences_live``, ``sequences_closed``, ``chunks_pending_total``).
+    """
     run_id: str
     run_number: int  # 1 for the first run on a state, parent's + 1 after
     parent: str | None
@@ -265,12 +292,17 @@ class Manifest:
 
     @property
     def sequences(self) -> int:
-        """Rows of the state files: live sequences and tombstones of closed ones."""
-        return sum(record.rows for record in self.state_files)
+        """Sequences with a state: live ones and tombstones of closed ones."""
+        return self.counts.get("sequences_live", 0) + self.counts.get("sequences_closed", 0)
 
     @property
     def pending_chunks(self) -> int:
-        return sum(record.rows for record in self.pending_files)
+        return self.counts.get("chunks_pending_total", 0)
+
+    @property
+    def layers(self) -> int:
+        """How many runs wrote the snapshot's state files."""
+        return len({record.layer for record in self.state_files + self.pending_files})
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -415,15 +447,38 @@ class StateStore:
         return manifest
 
     def prune(self, keep: int) -> list[str]:
-        """Delete the snapshot files of committed snapshots older than the ``keep``
-        newest; returns the run ids whose snapshots were removed."""
-        removed = [m.run_id for m in self.history()[max(1, keep):]]
-        for run_id in removed:
-            remove_tree(self.snapshot_url(run_id))
-        return removed
+        """Delete the committed snapshots older than the ``keep`` newest, except the
+        files that a kept snapshot still lists (layers are shared with descendants);
+        returns the run ids whose snapshots were removed."""
+        history = self.history()
+        kept, removed = history[:max(1, keep)], history[max(1, keep):]
+        in_use = {record.path for manifest in kept
+                  for record in manifest.state_files + manifest.pending_files}
+        for manifest in removed:
+            snapshot = self.snapshot_url(manifest.run_id)
+            if not any(path.startswith(snapshot + "/") for path in in_use):
+                remove_tree(snapshot)
+                continue
+            remove_file(self.manifest_url(manifest.run_id))  # ends the history here
+            for record in manifest.state_files + manifest.pending_files:
+                if record.path.startswith(snapshot + "/") and record.path not in in_use:
+                    remove_file(record.path)
+        return [manifest.run_id for manifest in removed]
 
     def write_report(self, run_id: str, report: dict) -> None:
         write_json(self.report_url(run_id), report)
+
+
+def newest_layer(versions: Iterable[tuple[int, Any]]) -> tuple[int | None, list[Any]]:
+    """Of one sequence's rows ``(layer, row)`` from a layered snapshot, the newest layer
+    and the rows it holds (each layer is a complete version of the sequence)."""
+    by_layer = collections.defaultdict(list)
+    for layer, row in versions:
+        by_layer[layer].append(row)
+    if not by_layer:
+        return None, []
+    newest = max(by_layer)
+    return newest, by_layer[newest]
 
 
 def run_file_url(outputs: str, run_id: str, folder: str, part: str) -> str:

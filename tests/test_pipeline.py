@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import results, storage
+from pipeline.results import snapshot_contents
 from pipeline.build import run_job
 from pipeline.demo import make_model, write_chunk_files
 from pipeline.options import InputError, RunConfig
-from schemas import Chunk, states_from_table
+from schemas import Chunk
 from transforms.model import ModelError
 from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
@@ -69,10 +70,7 @@ def test_sequence_absent_from_a_run_keeps_its_state_bit_for_bit(workload, tmp_pa
     store = storage.StateStore(state)
     by_run = {}
     for manifest in store.history():
-        by_run[manifest.run_id] = {
-            s.sequence_id: s for record in manifest.state_files
-            for s in states_from_table(storage.read_table(record.path),
-                                               manifest.state_names, record.path)}
+        by_run[manifest.run_id] = snapshot_contents(manifest)[0]
     before, during = by_run["run-1"][RESUMED], by_run["run-2"][RESUMED]
     assert (during.next_chunk_index, during.steps_seen) == (3, before.steps_seen)
     for a, b in zip(before.tensors, during.tensors):

@@ -7,12 +7,13 @@ import sys
 import threading
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import results, storage
 from pipeline.build import commit, execute, plan_run, run_job
 from pipeline.options import RunConfig
-from tests.conftest import IN_PROCESS
+from tests.conftest import IN_PROCESS, RESUMED
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 
@@ -201,8 +202,24 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
     assert [r["snapshots_removed"] for r in reports] == [[], [], ["run-1"]]
     store = storage.StateStore(state)
     assert [m.run_id for m in store.history()] == ["run-3", "run-2"]
-    assert not os.path.exists(store.snapshot_url("run-1"))
+    # run-1's manifest is gone; its state files stay while run-3 still lists them.
+    shared = [r.path for r in store.committed().state_files
+              if r.path.startswith(store.snapshot_url("run-1"))]
+    assert shared and not os.path.exists(store.manifest_url("run-1"))
+    assert sorted(os.listdir(store.snapshot_url("run-1"))) == sorted(
+        os.path.basename(path) for path in shared)
     store.verify()
+    assert final_state(state) == never_failed[0]
+
+
+def test_keep_removes_whole_snapshots_once_compacted(workload, tmp_path, never_failed):
+    state = str(tmp_path / "state")
+    reports = [run_job(config(workload, tmp_path, run, keep=1, max_layers=1), IN_PROCESS)
+               for run in range(3)]
+    assert [r["snapshots_removed"] for r in reports] == [[], ["run-1"], ["run-2"]]
+    store = storage.StateStore(state)
+    assert os.listdir(os.path.dirname(store.snapshot_url("run-1"))) == ["run-3"]
+    assert store.committed().layers == 1
     assert final_state(state) == never_failed[0]
 
 
@@ -213,7 +230,7 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
     states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
     outputs = [ChunkOutput(f"s{i}", 0, np.full((3, 2), i, np.float32)) for i in (1, 0)]
     writers = [
-        (WriteSnapshotShard(str(tmp_path / "state"), "r", 1, ("layer0_h",)),
+        (WriteSnapshotShard(str(tmp_path / "state"), "r", 1, 1, ("layer0_h",)),
          lambda order: (0, {"states": order(states), "pending": []})),
         (WriteOutputPart(str(tmp_path / "out"), "r"),
          lambda order: ("00000-0000", order(outputs)))]
@@ -223,3 +240,29 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
         assert first == retried  # same path, rows and sha256, whatever the element order
         (record,) = [payload for kind, payload in first if kind.endswith("_files")]
         assert os.listdir(os.path.dirname(record.path)) == [os.path.basename(record.path)]
+
+
+def test_a_run_rewrites_only_the_sequences_it_has_chunks_for(workload, tmp_path,
+                                                             never_failed):
+    state = str(tmp_path / "state")
+    for run in range(3):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    store = storage.StateStore(state)
+    run_2 = store.manifest("run-2")
+    own = {sid for record in run_2.state_files if "/run-2/" in record.path
+           for sid in storage.read_table(record.path).column("sequence_id").to_pylist()}
+    arrived = set(pq.read_table(workload[2][1]).column("sequence_id").to_pylist())
+    assert RESUMED not in own and own <= arrived
+    assert run_2.layers == 2 and store.committed().layers == 3
+    assert run_2.sequences == len(results.snapshot_contents(run_2)[0])
+    assert final_state(state) == never_failed[0]
+
+
+def test_compaction_gives_the_same_state_as_layers(workload, tmp_path, never_failed):
+    state = str(tmp_path / "state")
+    for run in range(3):
+        run_job(config(workload, tmp_path, run, max_layers=2), IN_PROCESS)
+    manifest = storage.StateStore(state).committed()
+    assert manifest.layers == 1  # run-3 found two layers and compacted them
+    assert final_state(state) == never_failed[0]
+    assert manifest.sequences == len(final_state(state))

@@ -21,6 +21,8 @@ import datetime
 from typing import Iterable, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
@@ -87,21 +89,30 @@ class ReadChunkFile(beam.DoFn):
 
 class ReadSnapshotFile(beam.DoFn):
     """A snapshot file ``(kind, record)`` -> envelopes: ``states`` ``(sequence_id,
-    CarriedState)`` from state files, ``pending`` ``(sequence_id, Chunk)`` from pending
-    files, after checking the file against its manifest record (sha256, rows)."""
+    (layer, CarriedState))`` from state files, ``pending`` ``(sequence_id, (layer,
+    Chunk))`` from pending files, after checking the file against its manifest record
+    (sha256, rows).
+
+    ``touched`` (a side input: the ids of the sequences this run has chunks for)
+    limits the rows turned into records to those sequences; None reads every row.
+    """
 
     def __init__(self, state_names: Sequence[str]):
         self._state_names = tuple(state_names)
 
-    def process(self, element: tuple[str, storage.FileRecord]):
+    def process(self, element: tuple[str, storage.FileRecord], touched=None):
         kind, record = element
         table = storage.read_table(record.path, record)
+        if touched is not None:
+            # Filtered in Arrow: rows of untouched sequences never become Python objects.
+            table = table.filter(pc.is_in(table["sequence_id"],
+                                          value_set=pa.array(touched, pa.string())))
         if kind == PENDING_FILE:
             for chunk in chunks_from_table(table, record.path, pending=True):
-                yield "pending", (chunk.sequence_id, chunk)
+                yield "pending", (chunk.sequence_id, (record.layer, chunk))
         else:
             for state in states_from_table(table, self._state_names, record.path):
-                yield "states", (state.sequence_id, state)
+                yield "states", (state.sequence_id, (record.layer, state))
 
 
 class PlanSequence(beam.DoFn):
@@ -114,12 +125,21 @@ class PlanSequence(beam.DoFn):
 
     def process(self, element):
         sequence_id, grouped = element
-        carried = list(grouped["states"])
+        layer, carried = storage.newest_layer(grouped["states"])
         if len(carried) > 1:
-            raise storage.IntegrityError(f"the snapshot holds {len(carried)} states for "
-                                         f"sequence {sequence_id!r}; it must hold at most one")
-        plan = self._planner.plan(sequence_id, carried[0] if carried else None,
-                                  grouped["pending"], grouped["chunks"])
+            raise storage.IntegrityError(
+                f"layer {layer} of the snapshot holds {len(carried)} states for sequence "
+                f"{sequence_id!r}; it must hold at most one")
+        if layer is None:
+            _, pending = storage.newest_layer(grouped["pending"])
+        else:  # older layers' pending rows were superseded with the state
+            pending = [chunk for version, chunk in grouped["pending"] if version == layer]
+        previous = carried[0] if carried else None
+        if previous is not None or pending:
+            yield _counts({"previous_closed" if previous and previous.closed
+                           else "previous_live": int(previous is not None),
+                           "previous_pending": len(pending)})
+        plan = self._planner.plan(sequence_id, previous, pending, grouped["chunks"])
         for chunk, reason, message in plan.rejected:
             yield "dead_letters", chunk_dead_letter(chunk, reason, message)
         for chunk in plan.pending:
@@ -207,9 +227,11 @@ class WriteSnapshotShard(beam.DoFn):
     """``(shard, {'states', 'pending'})`` -> the shard's state file and pending file
     (each only if it has rows); emits their ledger entries."""
 
-    def __init__(self, state_url: str, run_id: str, shards: int, state_names: Sequence[str]):
+    def __init__(self, state_url: str, run_id: str, layer: int, shards: int,
+                 state_names: Sequence[str]):
         self._store = storage.StateStore(state_url)
         self._run_id = run_id
+        self._layer = layer
         self._shards = shards
         self._state_names = tuple(state_names)
 
@@ -218,15 +240,17 @@ class WriteSnapshotShard(beam.DoFn):
         states = sorted(grouped["states"], key=lambda s: s.sequence_id)
         pending = sorted(grouped["pending"], key=lambda c: (c.sequence_id, c.chunk_index))
         closed = sum(state.closed for state in states)
-        yield COUNTS, {"sequences_live": len(states) - closed, "sequences_closed": closed}
+        yield COUNTS, {"written_live": len(states) - closed, "written_closed": closed,
+                       "written_pending": len(pending)}
         if states:
             url = self._store.snapshot_file_url(self._run_id, "state", shard, self._shards)
-            yield STATE_FILE, storage.write_table(url, states_to_table(states,
-                                                                       self._state_names))
+            yield STATE_FILE, storage.write_table(
+                url, states_to_table(states, self._state_names), self._layer)
             storage.fault_point("after_state_file")
         if pending:
             url = self._store.snapshot_file_url(self._run_id, "pending", shard, self._shards)
-            yield PENDING_FILE, storage.write_table(url, chunks_to_table(pending, pending=True))
+            yield PENDING_FILE, storage.write_table(
+                url, chunks_to_table(pending, pending=True), self._layer)
 
 
 class WriteDeadLetters(_WriteRunFile):
@@ -262,14 +286,21 @@ class WriteFinalStates(_WriteRunFile):
 
 
 class WriteManifest(beam.DoFn):
-    """All ledger entries -> the run's manifest (not yet committed)."""
+    """All ledger entries -> the run's manifest (not yet committed).
 
-    def __init__(self, state_url: str, run_id: str, run_number: int, parent: str | None,
-                 model_fingerprint: str, state_names: Sequence[str]):
+    ``parent`` is the manifest the run started from (None for the first run) and
+    ``inherit`` whether the new snapshot keeps the parent's layers (see
+    :class:`~pipeline.storage.Manifest`) or replaces them (a compacting run).
+    """
+
+    def __init__(self, state_url: str, run_id: str, run_number: int,
+                 parent: storage.Manifest | None, inherit: bool, model_fingerprint: str,
+                 state_names: Sequence[str]):
         self._state_url = state_url
         self._run_id = run_id
         self._run_number = run_number
         self._parent = parent
+        self._inherit = inherit
         self._fingerprint = model_fingerprint
         self._state_names = tuple(state_names)
 
@@ -277,17 +308,29 @@ class WriteManifest(beam.DoFn):
         _, entries = element
         counts: collections.Counter = collections.Counter()
         files = collections.defaultdict(list)
+        if self._parent is not None and self._inherit:
+            files[STATE_FILE] += self._parent.state_files
+            files[PENDING_FILE] += self._parent.pending_files
         for kind, payload in entries:
             if kind == COUNTS:
                 counts.update(payload)
             else:
                 files[kind].append(payload)
+        # The snapshot's totals: the parent's, with every sequence this run read
+        # replaced by what it wrote.
+        before = self._parent.counts if self._parent else {}
+        for total, part in (("sequences_live", "live"), ("sequences_closed", "closed"),
+                            ("chunks_pending_total", "pending")):
+            counts[total] = (before.get(total, 0) - counts[f"previous_{part}"]
+                             + counts[f"written_{part}"])
         manifest = storage.Manifest(
-            run_id=self._run_id, run_number=self._run_number, parent=self._parent,
+            run_id=self._run_id, run_number=self._run_number,
+            parent=self._parent.run_id if self._parent else None,
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             model_fingerprint=self._fingerprint, state_names=self._state_names,
             counts=dict(counts),
-            **{kind: tuple(sorted(files[kind], key=lambda r: r.path)) for kind in FILE_KINDS})
+            **{kind: tuple(sorted(files[kind], key=lambda r: (r.layer or 0, r.path)))
+               for kind in FILE_KINDS})
         storage.StateStore(self._state_url).write_manifest(manifest)
         storage.fault_point("after_manifest")
         yield manifest.run_id
