@@ -30,6 +30,9 @@ from transforms.sequencing import (DEFERRED, PROCESSED, REJECTED, SKIPPED, Plann
 
 _LOG = logging.getLogger("seqcarry")
 ROWS_PER_STATE_FILE = 100_000
+# Bounds on what one bucket holds in memory (see bucket_count).
+BUCKET_BYTES = 256 * 2**20
+STATES_PER_BUCKET = 200_000
 RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
                   "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 # Where every chunk read ends up: exactly one of these.
@@ -50,6 +53,7 @@ class RunPlan:
     state_shards: int
     planner: Planner
     compact: bool  # read and rewrite every sequence, not only the touched ones
+    buckets: int  # units of work: sequences joined, planned and run together
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -75,12 +79,15 @@ def plan_run(config: RunConfig) -> RunPlan:
     chunk_files = storage.expand_glob(config.chunks)
     if not chunk_files:
         raise InputError(f"no Parquet files match --chunks {config.chunks}")
-    input_rows = sum(storage.parquet_rows(url) for url in chunk_files)
+    sizes = [storage.parquet_size(url) for url in chunk_files]
+    input_rows, input_bytes = sum(rows for rows, _ in sizes), sum(size for _, size in sizes)
     live = parent.sequences if parent else 0
     # Expiry and --reset-state concern every sequence, so they need a full read.
     compact = bool(parent is None or parent.layers >= config.max_layers or config.reset_state
                    or config.expire_after_runs or config.expire_after_days)
     shards = max(1, -(-((live if compact else 0) + input_rows) // ROWS_PER_STATE_FILE))
+    buckets = bucket_count(len(storage.distinct_values(chunk_files, "sequence_id")),
+                           input_bytes, config.batch_size, live if compact else 0)
     planner = Planner(
         run_id=run_id, run_number=parent.run_number + 1 if parent else 1,
         started_at=int(time.time()), zero_state=stack.zero_state(),
@@ -90,11 +97,28 @@ def plan_run(config: RunConfig) -> RunPlan:
                               if config.expire_after_days else None))
     store.prepare_run(run_id, config.outputs)
     _LOG.info("event=planned run_id=%s parent=%s files=%d chunks=%d sequences=%d "
-              "pending=%d layers=%d compact=%s", run_id, parent.run_id if parent else None,
-              len(chunk_files), input_rows, live, parent.pending_chunks if parent else 0,
-              parent.layers if parent else 0, compact)
+              "pending=%d layers=%d compact=%s buckets=%d", run_id,
+              parent.run_id if parent else None, len(chunk_files), input_rows, live,
+              parent.pending_chunks if parent else 0, parent.layers if parent else 0,
+              compact, buckets)
     return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), input_rows,
-                   shards, planner, compact)
+                   shards, planner, compact, buckets)
+
+
+def bucket_count(sequences: int, input_bytes: int, batch_size: int,
+                 snapshot_rows: int) -> int:
+    """How many buckets a run's work is split into.
+
+    A bucket's chunks are read into memory together and run as full batches: about
+    four batches each, fewer sequences where their features would exceed
+    :data:`BUCKET_BYTES`, and no more than :data:`STATES_PER_BUCKET` snapshot rows
+    (for a compacting run, which reads every state).
+    """
+    bytes_per_sequence = input_bytes / max(1, sequences)
+    per_bucket = min(4 * batch_size, int(BUCKET_BYTES // max(1.0, bytes_per_sequence)))
+    if per_bucket >= batch_size:
+        per_bucket -= per_bucket % batch_size  # whole batches
+    return max(1, -(-sequences // max(1, per_bucket)), -(-snapshot_rows // STATES_PER_BUCKET))
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
@@ -105,19 +129,23 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         | "ChunkFiles" >> beam.Create(plan.chunk_files)
         | "SpreadChunkFiles" >> beam.Reshuffle()
         | "ReadChunks" >> beam.ParDo(ReadChunkFile(
-            stack.input_dim, config.allow_non_finite, plan.run_id)),
+            stack.input_dim, config.allow_non_finite, plan.run_id,
+            storage.StateStore(config.state).staging_url(plan.run_id), plan.buckets)),
         ("chunks", "dead_letters", LEDGER), "Read")
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
                       + [(PENDING_FILE, r) for r in plan.parent.pending_files]
                       if plan.parent else [])
     # An incremental run reads only the rows of the sequences it has chunks for.
     touched = () if plan.compact else (beam.pvalue.AsList(
-        chunks["chunks"] | "TouchedIds" >> beam.Keys() | "Touched" >> beam.Distinct()),)
+        chunks["chunks"]
+        | "TouchedIds" >> beam.Map(lambda keyed: keyed[1].sequence_id)
+        | "Touched" >> beam.Distinct()),)
     snapshot = split(
         pipeline
         | "SnapshotFiles" >> beam.Create(snapshot_files)
         | "SpreadSnapshotFiles" >> beam.Reshuffle()
-        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names), *touched),
+        | "ReadSnapshot" >> beam.ParDo(ReadSnapshotFile(stack.state_names, plan.buckets),
+                                       *touched),
         ("states", "pending"), "Snapshot")
     applied = (
         {"chunks": chunks["chunks"], "states": snapshot["states"],
@@ -194,14 +222,18 @@ def execute(plan: RunPlan,
     Beam metrics of the run, where the runner reports them."""
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build(pipeline, plan)
-    result = pipeline.run()
+    store = storage.StateStore(plan.config.state)
     try:
-        result.wait_until_finish()
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)  # the DaskRunner leaves it open
+            if client is not None:
+                client.close()
     finally:
-        client = getattr(result, "client", None)  # the DaskRunner leaves its client open
-        if client is not None:
-            client.close()
-    return storage.StateStore(plan.config.state).manifest(plan.run_id), beam_metrics(result)
+        storage.remove_tree(store.staging_url(plan.run_id))
+    return store.manifest(plan.run_id), beam_metrics(result)
 
 
 def beam_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:

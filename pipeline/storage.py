@@ -7,6 +7,7 @@ Layout under ``--state``::
     snapshots/<run_id>/state-*.parquet   carried state of the sequences <run_id> touched
     snapshots/<run_id>/pending-*.parquet their deferred chunks, waiting for earlier ones
     snapshots/<run_id>/manifest.json     files (rows, sha256), parent, fingerprint, counts
+    staging/<run_id>/                    chunk features while <run_id> runs
     runs/<run_id>/report.json            the run report
 
 and under ``--outputs``: ``<run_id>/part-*.parquet`` (per-step outputs),
@@ -34,7 +35,7 @@ import os
 import signal
 import tempfile
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -231,11 +232,42 @@ def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
     return table
 
 
-def parquet_rows(url: str) -> int:
-    """Row count of a Parquet file, from its footer only."""
+def parquet_size(url: str) -> tuple[int, int]:
+    """Rows and uncompressed bytes of a Parquet file, from its footer only."""
     fs, path = _fs(url)
     with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+        metadata = pq.ParquetFile(handle).metadata
+    return metadata.num_rows, sum(metadata.row_group(group).total_byte_size
+                                  for group in range(metadata.num_row_groups))
+
+
+def distinct_values(urls: Sequence[str], column: str) -> set:
+    """The distinct values of ``column`` over Parquet files (files without it add none)."""
+    values = set()
+    for url in urls:
+        fs, path = _fs(url)
+        with _storage_errors(url, "read"), fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if column in parquet.schema_arrow.names:
+                values.update(parquet.read(columns=[column]).column(column).to_pylist())
+    return values
+
+
+def write_row_groups(url: str, tables: Sequence[pa.Table]) -> None:
+    """Write ``tables`` (one schema) as one Parquet file, one row group each, so that
+    :func:`read_row_group` can read any one of them alone."""
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, tables[0].schema) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+    _write_bytes(url, buffer.getvalue())
+
+
+def read_row_group(url: str, group: int) -> pa.Table:
+    """One row group of a Parquet file (only its bytes are read)."""
+    fs, path = _fs(url)
+    with _storage_errors(url, "read"), fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).read_row_group(group)
 
 
 # --- fault points: a testing hook to prove that a run dying anywhere is harmless ----
@@ -342,6 +374,10 @@ class StateStore:
         """A snapshot data file: ``kind`` is ``state`` or ``pending``."""
         return join(self.snapshot_url(run_id), f"{kind}-{shard:05d}-of-{shards:05d}.parquet")
 
+    def staging_url(self, run_id: str) -> str:
+        """Where a running run parks chunk features (removed when it ends)."""
+        return join(self.url, "staging", run_id)
+
     def manifest_url(self, run_id: str) -> str:
         return join(self.snapshot_url(run_id), "manifest.json")
 
@@ -412,6 +448,7 @@ class StateStore:
             raise StateConflictError(f"run id {run_id} is already committed under "
                                      f"{self.url}; pass a new --run-id")
         remove_tree(self.snapshot_url(run_id))
+        remove_tree(self.staging_url(run_id))
         remove_tree(join(outputs_url, run_id))
 
     def commit(self, run_id: str, expected: Pointer | None) -> None:

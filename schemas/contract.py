@@ -11,7 +11,6 @@ Python lists of floats, so large chunks stay cheap.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from typing import Sequence
 
@@ -83,28 +82,35 @@ def state_schema(state_names: Sequence[str], final: bool = False) -> pa.Schema:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Chunk:
-    """One chunk of one sequence: ``features`` is float32 [steps, input_dim]."""
+    """One chunk of one sequence: ``features`` is float32 [steps, input_dim].
+
+    While a run shuffles chunks, their features wait in a staging file and the chunk
+    travels without them (``features`` None, ``staged`` says where they are; see
+    :mod:`transforms.staging`). ``steps`` and ``digest`` (8 bytes identifying the
+    content: features and is_last) are computed from the features when created.
+    """
     sequence_id: str
     chunk_index: int
-    features: np.ndarray
+    features: np.ndarray | None
     is_last: bool = False
     arrived_in_run: str = ""
     source: str = ""  # the input file and row it was read from
     row: int | None = None
+    steps: int = -1
+    digest: bytes = b""
+    staged: tuple[str, int, int] | None = None  # (staging file, row group, row)
 
-    @property
-    def steps(self) -> int:
-        return int(self.features.shape[0])
-
-    @functools.cached_property
-    def digest(self) -> bytes:
-        """8 bytes identifying the chunk's content (features and is_last); computed once
-        (planning compares it several times)."""
+    def __post_init__(self) -> None:
+        if self.features is None and (self.staged is None or not self.digest):
+            raise ValueError("a chunk without features must say where they are staged")
+        if self.digest:  # computed already (a copy made with dataclasses.replace)
+            return
         digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
         digest.update(np.asarray(self.features.shape, np.int64).tobytes())
         digest.update(np.ascontiguousarray(self.features, np.float32).tobytes())
         digest.update(b"\x01" if self.is_last else b"\x00")
-        return digest.digest()
+        object.__setattr__(self, "steps", int(self.features.shape[0]))
+        object.__setattr__(self, "digest", digest.digest())
 
 
 DIGEST_BYTES = 8

@@ -114,11 +114,10 @@ def work(sequence_id, steps):
                         (chunk(0, steps, sequence_id=sequence_id),))
 
 
-def test_batches_are_even_bounded_deterministic_and_grouped_by_length():
+def test_batches_are_full_bounded_deterministic_and_grouped_by_length():
     works = [work(f"s{i}", steps) for i, steps in enumerate([5, 1, 9, 3, 7, 2, 8])]
     batches = split_into_batches(works, batch_size=3)
-    assert [len(b) for b in batches] == [2, 3, 2]
-    assert [[w.steps for w in b] for b in batches] == [[9, 8], [7, 5, 3], [2, 1]]
+    assert [[w.steps for w in b] for b in batches] == [[9, 8, 7], [5, 3, 2], [1]]
     again = split_into_batches(list(reversed(works)), batch_size=3)
     assert [[w.carried.sequence_id for w in b] for b in again] == \
         [[w.carried.sequence_id for w in b] for b in batches]

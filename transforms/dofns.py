@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import hashlib
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -27,12 +28,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline import storage
-from schemas import (ChunkOutput, DeadLetter, chunks_from_table,
+from schemas import (CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
 from schemas.validation import chunk_dead_letter, validate_chunks
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, split_into_batches,
                                    stable_bucket)
+from transforms import staging
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"
@@ -65,19 +67,27 @@ def _counts(counts: dict[str, int]) -> tuple[str, tuple[str, dict[str, int]]]:
 
 
 class ReadChunkFile(beam.DoFn):
-    """An input file's URL -> envelopes: ``chunks`` ``(sequence_id, Chunk)`` for each
-    valid row, ``dead_letters`` for each invalid one, and counts (``ledger``)."""
+    """An input file's URL -> envelopes: ``chunks`` ``(bucket, Chunk)`` for each valid
+    row (features staged, see :mod:`transforms.staging`), ``dead_letters`` for each
+    invalid one, and counts (``ledger``)."""
 
-    def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str):
+    def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
+                 staging_url: str, buckets: int):
         self._input_dim = input_dim
         self._allow_non_finite = allow_non_finite
         self._run_id = run_id
+        self._staging_url = staging_url
+        self._buckets = buckets
 
     def process(self, url: str):
         chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
                                           self._allow_non_finite, self._run_id)
-        for chunk in chunks:
-            yield "chunks", (chunk.sequence_id, chunk)
+        # Named after the input file, so a retried bundle rewrites the same file.
+        staging_file = storage.join(
+            self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".parquet")
+        for keyed in staging.stage(chunks, staging_file,
+                                   lambda key: stable_bucket(key, self._buckets)):
+            yield "chunks", keyed
         for letter in letters:
             yield "dead_letters", letter
         counts = collections.Counter({"chunks_read": len(chunks) + len(letters)})
@@ -88,17 +98,17 @@ class ReadChunkFile(beam.DoFn):
 
 
 class ReadSnapshotFile(beam.DoFn):
-    """A snapshot file ``(kind, record)`` -> envelopes: ``states`` ``(sequence_id,
-    (layer, CarriedState))`` from state files, ``pending`` ``(sequence_id, (layer,
-    Chunk))`` from pending files, after checking the file against its manifest record
-    (sha256, rows).
+    """A snapshot file ``(kind, record)`` -> envelopes: ``states`` ``(bucket, (layer,
+    CarriedState))`` from state files, ``pending`` ``(bucket, (layer, Chunk))`` from
+    pending files, after checking the file against its manifest record (sha256, rows).
 
     ``touched`` (a side input: the ids of the sequences this run has chunks for)
     limits the rows turned into records to those sequences; None reads every row.
     """
 
-    def __init__(self, state_names: Sequence[str]):
+    def __init__(self, state_names: Sequence[str], buckets: int):
         self._state_names = tuple(state_names)
+        self._buckets = buckets
 
     def process(self, element: tuple[str, storage.FileRecord], touched=None):
         kind, record = element
@@ -109,63 +119,61 @@ class ReadSnapshotFile(beam.DoFn):
                                           value_set=pa.array(touched, pa.string())))
         if kind == PENDING_FILE:
             for chunk in chunks_from_table(table, record.path, pending=True):
-                yield "pending", (chunk.sequence_id, (record.layer, chunk))
+                yield "pending", (stable_bucket(chunk.sequence_id, self._buckets),
+                                  (record.layer, chunk))
         else:
             for state in states_from_table(table, self._state_names, record.path):
-                yield "states", (state.sequence_id, (record.layer, state))
+                yield "states", (stable_bucket(state.sequence_id, self._buckets),
+                                 (record.layer, state))
 
 
-class PlanSequence(beam.DoFn):
-    """``(sequence_id, {'states', 'pending', 'chunks'})`` -> envelopes: ``work`` to apply
-    now, ``unchanged`` states, ``pending`` chunks, ``dead_letters``, ``ended`` final
-    states, and counts (``ledger``)."""
-
-    def __init__(self, planner: Planner):
-        self._planner = planner
-
-    def process(self, element):
-        sequence_id, grouped = element
-        layer, carried = storage.newest_layer(grouped["states"])
-        if len(carried) > 1:
-            raise storage.IntegrityError(
-                f"layer {layer} of the snapshot holds {len(carried)} states for sequence "
-                f"{sequence_id!r}; it must hold at most one")
-        if layer is None:
-            _, pending = storage.newest_layer(grouped["pending"])
-        else:  # older layers' pending rows were superseded with the state
-            pending = [chunk for version, chunk in grouped["pending"] if version == layer]
-        previous = carried[0] if carried else None
-        if previous is not None or pending:
-            yield _counts({"previous_closed" if previous and previous.closed
-                           else "previous_live": int(previous is not None),
-                           "previous_pending": len(pending)})
-        plan = self._planner.plan(sequence_id, previous, pending, grouped["chunks"])
-        for chunk, reason, message in plan.rejected:
-            yield "dead_letters", chunk_dead_letter(chunk, reason, message)
-        for chunk in plan.pending:
-            yield "pending", chunk
-        if plan.ended:
-            yield "ended", plan.ended
-        if plan.work is not None:
-            yield "work", plan.work
-        elif plan.unchanged is not None:
-            yield "unchanged", plan.unchanged
-        if plan.counts:
-            yield _counts(plan.counts)
+def plan_sequence(planner: Planner, sequence_id: str, chunks: Sequence[Chunk],
+                  states: Sequence[tuple[int, CarriedState]],
+                  pending: Sequence[tuple[int, Chunk]], counts: collections.Counter):
+    """Plan one sequence from this run's chunks and its layered snapshot rows; yields
+    envelopes (``work`` to run, or its new ``states`` when nothing runs; ``pending``,
+    ``dead_letters``, ``ended``) and adds to ``counts``."""
+    layer, carried = storage.newest_layer(states)
+    if len(carried) > 1:
+        raise storage.IntegrityError(
+            f"layer {layer} of the snapshot holds {len(carried)} states for sequence "
+            f"{sequence_id!r}; it must hold at most one")
+    if layer is None:
+        _, waiting = storage.newest_layer(pending)
+    else:  # older layers' pending rows were superseded with the state
+        waiting = [chunk for version, chunk in pending if version == layer]
+    previous = carried[0] if carried else None
+    if previous is not None:
+        counts["previous_closed" if previous.closed else "previous_live"] += 1
+    counts["previous_pending"] += len(waiting)
+    plan = planner.plan(sequence_id, previous, waiting, chunks)
+    counts.update(plan.counts)
+    for chunk, reason, message in plan.rejected:
+        yield "dead_letters", chunk_dead_letter(chunk, reason, message)
+    for chunk in plan.pending:
+        yield "pending", chunk
+    if plan.ended:
+        yield "ended", plan.ended
+    if plan.work is not None:
+        yield "work", plan.work
+    elif plan.unchanged is not None:
+        yield "states", plan.unchanged
 
 
-class RunBatches(beam.DoFn):
-    """``(bucket, [SequenceWork])`` -> envelopes: new ``states``, per-batch ``outputs``
-    ``(part, [ChunkOutput])``, ``ended`` final states of sequences that reached their
-    last chunk, and counts (``ledger``).
+class PlanAndRunBucket(beam.DoFn):
+    """``(bucket, {'chunks', 'states', 'pending'})`` -> envelopes: every sequence's new
+    ``states``, ``pending`` chunks, per-batch ``outputs`` ``(part, [ChunkOutput])``,
+    ``dead_letters``, ``ended`` ``(final state, reason)``, and counts (``ledger``).
 
-    The model is loaded once per process through Beam's ``Shared``; each bundle opens
-    a session on it.
+    Plans each sequence of the bucket (:class:`~transforms.sequencing.Planner`), then
+    runs the work in batches. The model is loaded once per process through Beam's
+    ``Shared``; each bundle opens a session on it.
     """
 
-    def __init__(self, model_path: str, batch_size: int, window_steps: int,
-                 chunks_total: int = 0):
+    def __init__(self, model_path: str, planner: Planner, batch_size: int,
+                 window_steps: int, chunks_total: int = 0):
         self._model_path = model_path
+        self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
         self._chunks_total = chunks_total  # for progress lines only
@@ -182,8 +190,24 @@ class RunBatches(beam.DoFn):
         self._session = self._model.open_session()
 
     def process(self, element):
-        bucket, works = element
-        for number, batch in enumerate(split_into_batches(list(works), self._batch_size)):
+        bucket, grouped = element
+        rows = collections.defaultdict(lambda: ([], [], []))
+        for chunk in staging.unstage(grouped["chunks"]):
+            rows[chunk.sequence_id][0].append(chunk)
+        for layer, state in grouped["states"]:
+            rows[state.sequence_id][1].append((layer, state))
+        for layer, chunk in grouped["pending"]:
+            rows[chunk.sequence_id][2].append((layer, chunk))
+        counts: collections.Counter = collections.Counter()
+        works = []
+        for sequence_id in sorted(rows):
+            for tag, value in plan_sequence(self._planner, sequence_id, *rows[sequence_id],
+                                            counts):
+                if tag == "work":
+                    works.append(value)
+                else:
+                    yield tag, value
+        for number, batch in enumerate(split_into_batches(works, self._batch_size)):
             result = self._session.run(batch)
             storage.fault_point("mid_compute")
             yield "outputs", (f"{bucket:05d}-{number:04d}", result.outputs)
@@ -191,8 +215,9 @@ class RunBatches(beam.DoFn):
                 yield "states", state
             for state in result.ended:
                 yield "ended", (state, END_IS_LAST)
-            yield _counts({"sequences_touched": len(batch), "steps_processed": result.steps,
+            counts.update({"sequences_touched": len(batch), "steps_processed": result.steps,
                            "batches": 1})
+        yield _counts(dict(+counts))
 
     def finish_bundle(self):
         self._session.close()
@@ -337,51 +362,25 @@ class WriteManifest(beam.DoFn):
 
 
 class ApplyChunks(beam.PTransform):
-    """Join chunks with carried states and pending chunks, plan every sequence, and
-    run the model in batches.
+    """Join chunks with carried states and pending chunks by bucket, plan every
+    sequence, and run the model in batches.
 
-    Input: ``{'chunks', 'states', 'pending'}``, each keyed by sequence_id.
-    Output: ``{'states': every sequence's CarriedState after this run, 'pending': Chunks
-    still deferred, 'outputs': (part, [ChunkOutput]), 'dead_letters', 'ended':
-    (CarriedState, end_reason), 'ledger'}``.
+    Input: ``{'chunks', 'states', 'pending'}``, each keyed by bucket
+    (:func:`~transforms.sequencing.stable_bucket` of the sequence id).
+    Output: ``{'states': the new CarriedState of every sequence read or touched,
+    'pending': Chunks still deferred, 'outputs': (part, [ChunkOutput]),
+    'dead_letters', 'ended': (CarriedState, end_reason), 'ledger'}``.
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
                  window_steps: int, chunks_total: int = 0):
         super().__init__()
-        self._model_path = model_path
-        self._planner = planner
-        self._batch_size = batch_size
-        self._window_steps = window_steps
-        self._chunks_total = chunks_total
+        self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
+                                     chunks_total)
 
     def expand(self, inputs):
-        planned = split(
+        return split(
             inputs
-            | "JoinWithState" >> beam.CoGroupByKey()
-            | "PlanSequences" >> beam.ParDo(PlanSequence(self._planner)),
-            ("work", "unchanged", "pending", "dead_letters", "ended", LEDGER), "Planned")
-        # Deterministic buckets sized from the exact number of sequences with work,
-        # about four batches each, so batches come out full and evenly sized.
-        work_count = planned["work"] | "CountWork" >> beam.combiners.Count.Globally()
-        batch_size = self._batch_size
-        computed = split(
-            planned["work"]
-            | "AssignBuckets" >> beam.Map(
-                lambda work, count: (stable_bucket(
-                    work.carried.sequence_id, -(-count // (4 * batch_size))), work),
-                count=beam.pvalue.AsSingleton(work_count, default_value=0))
-            | "GroupIntoBuckets" >> beam.GroupByKey()
-            | "RunBatches" >> beam.ParDo(RunBatches(
-                self._model_path, self._batch_size, self._window_steps, self._chunks_total)),
-            ("states", "outputs", "ended", LEDGER), "Computed")
-        return {
-            "states": ((computed["states"], planned["unchanged"])
-                       | "AllStates" >> beam.Flatten()),
-            "pending": planned["pending"],
-            "outputs": computed["outputs"],
-            "dead_letters": planned["dead_letters"],
-            "ended": (planned["ended"], computed["ended"]) | "AllEnded" >> beam.Flatten(),
-            "ledger": ((planned[LEDGER], computed[LEDGER])
-                       | "ApplyLedger" >> beam.Flatten()),
-        }
+            | "JoinByBucket" >> beam.CoGroupByKey()
+            | "PlanAndRun" >> beam.ParDo(self._run),
+            ("states", "pending", "outputs", "dead_letters", "ended", LEDGER), "Applied")

@@ -199,17 +199,14 @@ def stable_bucket(sequence_id: str, buckets: int) -> int:
 
 def split_into_batches(works: Sequence[SequenceWork],
                        batch_size: int) -> list[list[SequenceWork]]:
-    """Deterministic batches of at most ``batch_size``, of similar lengths, evenly sized.
+    """Deterministic batches of similar lengths: full batches of ``batch_size``, then
+    the rest (the kernel compiles for few batch shapes, so full ones waste nothing).
 
     Sorting by length keeps padding small; the order is fixed by (steps, sequence_id)
     so a retried bundle computes exactly the same batches.
     """
-    if not works:
-        return []
     ordered = sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id))
-    count = -(-len(ordered) // batch_size)
-    bounds = [round(i * len(ordered) / count) for i in range(count + 1)]
-    return [ordered[bounds[i]:bounds[i + 1]] for i in range(count)]
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
