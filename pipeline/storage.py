@@ -253,21 +253,22 @@ def distinct_values(urls: Sequence[str], column: str) -> set:
     return values
 
 
-def write_row_groups(url: str, tables: Sequence[pa.Table]) -> None:
-    """Write ``tables`` (one schema) as one Parquet file, one row group each, so that
-    :func:`read_row_group` can read any one of them alone."""
+def write_batches(url: str, batches: Sequence[pa.RecordBatch]) -> None:
+    """Write ``batches`` (one schema) as one Arrow IPC file, so that :func:`read_batch`
+    can read any one of them alone. For transient files: IPC costs nothing to encode
+    or decode."""
     buffer = io.BytesIO()
-    with pq.ParquetWriter(buffer, tables[0].schema) as writer:
-        for table in tables:
-            writer.write_table(table, row_group_size=max(1, table.num_rows))
+    with pa.ipc.new_file(buffer, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
     _write_bytes(url, buffer.getvalue())
 
 
-def read_row_group(url: str, group: int) -> pa.Table:
-    """One row group of a Parquet file (only its bytes are read)."""
+def read_batch(url: str, index: int) -> pa.RecordBatch:
+    """One record batch of an Arrow IPC file written by :func:`write_batches`."""
     fs, path = _fs(url)
     with _storage_errors(url, "read"), fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).read_row_group(group)
+        return pa.ipc.open_file(handle).get_batch(index)
 
 
 # --- fault points: a testing hook to prove that a run dying anywhere is harmless ----

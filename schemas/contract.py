@@ -98,7 +98,7 @@ class Chunk:
     row: int | None = None
     steps: int = -1
     digest: bytes = b""
-    staged: tuple[str, int, int] | None = None  # (staging file, row group, row)
+    staged: tuple[str, int, int] | None = None  # (staging file, batch, row)
 
     def __post_init__(self) -> None:
         if self.features is None and (self.staged is None or not self.digest):

@@ -84,7 +84,7 @@ class ReadChunkFile(beam.DoFn):
                                           self._allow_non_finite, self._run_id)
         # Named after the input file, so a retried bundle rewrites the same file.
         staging_file = storage.join(
-            self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".parquet")
+            self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".arrow")
         for keyed in staging.stage(chunks, staging_file,
                                    lambda key: stable_bucket(key, self._buckets)):
             yield "chunks", keyed

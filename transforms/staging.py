@@ -3,9 +3,9 @@
 A run groups chunks by bucket (a stable hash of their sequence id) to join them with
 their carried states and run them in batches. Runners that keep shuffled data in
 memory (the DirectRunner's FnApiRunner does) would then hold every feature of the
-run at once. So the reader writes the features of each input file to a staging file,
-one row group per bucket, and the chunks are shuffled without them; the DoFn of a
-bucket reads back only its own row groups. Memory then follows the bucket size, not
+run at once. So the reader writes the features of each input file to a staging file
+(Arrow IPC), one record batch per bucket, and the chunks are shuffled without them;
+the DoFn of a bucket reads back only its own record batches. Memory then follows the bucket size, not
 the size of the input, and the shuffle moves small records.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ def stage(chunks: Sequence[Chunk], url: str,
         by_bucket[bucket_of(chunk.sequence_id)].append(chunk)
     buckets = sorted(by_bucket)
     if buckets:
-        storage.write_row_groups(url, [
-            pa.table({"features": matrix_array([chunk.features for chunk in by_bucket[b]])})
+        storage.write_batches(url, [
+            pa.record_batch({"features": matrix_array([c.features for c in by_bucket[b]])})
             for b in buckets])
     return [(bucket, dataclasses.replace(chunk, features=None, staged=(url, group, row)))
             for group, bucket in enumerate(buckets)
@@ -38,14 +38,14 @@ def stage(chunks: Sequence[Chunk], url: str,
 
 
 def unstage(chunks: Iterable[Chunk]) -> list[Chunk]:
-    """``chunks`` with their features read back (each row group read once)."""
+    """``chunks`` with their features read back (each record batch read once)."""
     chunks = list(chunks)
     groups = {}
     for chunk in chunks:
         if chunk.staged is not None and chunk.staged[:2] not in groups:
             url, group, _ = chunk.staged
             groups[url, group] = matrices_from_array(
-                storage.read_row_group(url, group).column("features"), f"{url} features")
+                storage.read_batch(url, group).column("features"), f"{url} features")
     return [chunk if chunk.staged is None else dataclasses.replace(
                 chunk, features=groups[chunk.staged[:2]][chunk.staged[2]], staged=None)
             for chunk in chunks]
