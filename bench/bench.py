@@ -6,6 +6,9 @@ process run on one synthetic workload, and the ratios between them.
   (c) seed      one sequence at a time (batch 1), chunk by chunk, (h, c) carried by hand
   (d) kernel    seqcarry's batched step alone, on in-memory arrays
 
+and two scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
+snapshot vs the same run against those 1,000 alone, and peak RSS for 10x more sequences.
+
 Default workload (issue 7): 2,048 sequences x 1,024 steps in chunks of 128, input
 width 32, one LSTM layer of 128 units, Dense head of 8. ``--scale`` shrinks the number
 of sequences for a quick run. (c) is timed on a subset: it is slow by design, and a
@@ -23,9 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from bench import scaling  # noqa: E402
+
 SEQUENCES, STEPS, CHUNK, INPUT_DIM, UNITS, OUTPUTS = 2048, 1024, 128, 32, 128, 8
 KERAS_BATCH = 256
 SEED_SEQUENCES = 16
+MEMORY_SEQUENCES, MEMORY_STEPS = 256, 512
 
 
 def workload(root: str, sequences: int) -> tuple[str, np.ndarray, str]:
@@ -144,6 +150,9 @@ def main(argv=None) -> dict:
     rates["b_keras"] = keras_rate(model_path, features)
     rates["c_seed"] = seed_rate(model_path, features)
     rates["d_kernel"] = kernel_rate(model_path, features)
+    incremental = scaling.incremental(args.workdir, model_path, INPUT_DIM)
+    memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
+                            max(32, int(MEMORY_SEQUENCES * args.scale)), MEMORY_STEPS)
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
               "d/b": rates["d_kernel"] / rates["b_keras"]}
@@ -155,8 +164,16 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"{name:<8}{value:>10.2f}{targets[name]:>9.1f}"
               f"{'' if value >= targets[name] else '   (missed)'}")
+    print(f"\nincremental: a run touching {incremental['touched']:,} sequences took "
+          f"{incremental['seconds_large']:.2f} s against a {incremental['snapshot']:,}-"
+          f"sequence snapshot, {incremental['seconds_small']:.2f} s against one holding "
+          f"only them: {incremental['ratio']:.2f}x (target <= 2.0)")
+    print(f"memory: peak RSS {memory['peak_rss_mib_1x']:,.0f} MiB for {memory['sequences']:,} "
+          f"sequences x {memory['steps']} steps, {memory['peak_rss_mib_10x']:,.0f} MiB for "
+          f"10x as many: {memory['ratio']:.2f}x (target < 1.3)")
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
-              "ratios": ratios, "targets": targets, "pipeline_report": report}
+              "ratios": ratios, "targets": targets, "incremental": incremental,
+              "memory": memory, "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
