@@ -59,6 +59,7 @@ def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request
     assert all(r["chunks_deferred"] == r["chunks_skipped_duplicate"] == r["chunks_rejected"]
                == r["chunks_pending_total"] == 0 for r in reports)
     assert [r["parent"] for r in reports] == [None, "run-1", "run-2"]
+    assert not os.path.exists(os.path.join(state, "staging", "run-3"))  # removed when done
     assert reports[-1]["sequences_live"] == len(workload[1])
     assert sum(r["steps_processed"] for r in reports) == sum(map(len, workload[1].values()))
     worst = assert_equals_whole_sequence_model(workload, state)
