@@ -31,6 +31,7 @@ from schemas import (ChunkOutput, DeadLetter, chunks_from_table,
 from schemas.validation import chunk_dead_letter, validate_chunks
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, split_into_batches,
                                    stable_bucket)
+from transforms.model import ModelOptions
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"
@@ -66,14 +67,17 @@ class ReadChunkFile(beam.DoFn):
     """An input file's URL -> envelopes: ``chunks`` ``(sequence_id, Chunk)`` for each
     valid row, ``dead_letters`` for each invalid one, and counts (``ledger``)."""
 
-    def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str):
+    def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
+                 vocabulary: int | None = None):
         self._input_dim = input_dim
         self._allow_non_finite = allow_non_finite
         self._run_id = run_id
+        self._vocabulary = vocabulary
 
     def process(self, url: str):
         chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
-                                          self._allow_non_finite, self._run_id)
+                                          self._allow_non_finite, self._run_id,
+                                          self._vocabulary)
         for chunk in chunks:
             yield "chunks", (chunk.sequence_id, chunk)
         for letter in letters:
@@ -144,8 +148,9 @@ class RunBatches(beam.DoFn):
     """
 
     def __init__(self, model_path: str, batch_size: int, window_steps: int,
-                 chunks_total: int = 0):
+                 chunks_total: int = 0, model_options: ModelOptions = ModelOptions()):
         self._model_path = model_path
+        self._model_options = model_options
         self._batch_size = batch_size
         self._window_steps = window_steps
         self._chunks_total = chunks_total  # for progress lines only
@@ -155,8 +160,9 @@ class RunBatches(beam.DoFn):
 
     def setup(self):
         self._model = self._shared.acquire(
-            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total),
-            tag=f"{self._model_path}:{self._window_steps}")
+            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total,
+                                self._model_options),
+            tag=f"{self._model_path}:{self._model_options}:{self._window_steps}")
 
     def start_bundle(self):
         self._session = self._model.open_session()
@@ -304,9 +310,11 @@ class ApplyChunks(beam.PTransform):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, chunks_total: int = 0):
+                 window_steps: int, chunks_total: int = 0,
+                 model_options: ModelOptions = ModelOptions()):
         super().__init__()
         self._model_path = model_path
+        self._model_options = model_options
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
@@ -330,7 +338,8 @@ class ApplyChunks(beam.PTransform):
                 count=beam.pvalue.AsSingleton(work_count, default_value=0))
             | "GroupIntoBuckets" >> beam.GroupByKey()
             | "RunBatches" >> beam.ParDo(RunBatches(
-                self._model_path, self._batch_size, self._window_steps, self._chunks_total)),
+                self._model_path, self._batch_size, self._window_steps, self._chunks_total,
+                self._model_options)),
             ("states", "outputs", "ended", LEDGER), "Computed")
         return {
             "states": ((computed["states"], planned["unchanged"])
