@@ -613,8 +613,8 @@ class KerasCheckpointLoader(ModelLoader):
         if root is None:
             raise ModelError(f"{prefix}: cannot tell which of {children} is the model; "
                              "save it as tf.train.Checkpoint(model=...)")
-        status = tf.train.Checkpoint(**{root: model}).read(prefix)
         try:
+            status = tf.train.Checkpoint(**{root: model}).read(prefix)
             status.assert_existing_objects_matched()
         except AssertionError as error:
             missing = re.findall(r"path=(\S+),", str(error))

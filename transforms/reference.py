@@ -23,6 +23,10 @@ def keras_with_state(model: Any) -> Any:
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
+        if isinstance(layer, keras.layers.TimeDistributed):
+            # The same per-step math; Keras 3.15's TimeDistributed computes wrong numbers
+            # when traced with an unknown number of steps (its vectorized_map path).
+            layer = layer.layer
         if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
             twin = type(layer).from_config(layer.get_config() | {"return_state": True})
             starts = [keras.Input((layer.units,))
