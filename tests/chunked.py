@@ -2,7 +2,7 @@
 whole-sequence oracle: shared by the end-to-end tests of every model format."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -16,7 +16,8 @@ Oracle = Callable[[str, np.ndarray], tuple[np.ndarray, list[np.ndarray]]]
 
 
 def run_chunked(model: str, whole: dict[str, np.ndarray], root, runs: int = 3,
-                seed: int = 0, **config) -> tuple[str, list[dict]]:
+                seed: int = 0, beam_args: Sequence[str] = IN_PROCESS,
+                **config) -> tuple[str, list[dict]]:
     """Cut each sequence into random chunks (1 to 17 steps), spread them over ``runs``
     runs (shuffled over two files each) and run the pipeline once per run; returns the
     state URL and the reports. ``config``: more RunConfig fields (model options)."""
@@ -33,7 +34,7 @@ def run_chunked(model: str, whole: dict[str, np.ndarray], root, runs: int = 3,
         write_chunk_files(directory, chunks, files=2, rng=rng)
         reports.append(run_job(RunConfig(
             model=model, chunks=directory, state=state, outputs=outputs,
-            run_id=f"run-{run + 1}", batch_size=4, window_steps=16, **config), IN_PROCESS))
+            run_id=f"run-{run + 1}", batch_size=4, window_steps=16, **config), beam_args))
     return state, reports
 
 

@@ -300,14 +300,21 @@ def test_directory_and_prefix_models_load_from_gcs(bucket, tmp_path, tf1_checkpo
     path = str(tmp_path / "m.keras")
     keras_model("gru_both_modes").save(path)
     local = {"savedmodel": export_step_savedmodel(path, str(tmp_path / "savedmodel")),
-             "tf1": str(tf1_checkpoints / "gru_stack" / "model.ckpt")}
+             "tf1": str(tf1_checkpoints / "gru_stack" / "model.ckpt"),
+             "tf1-directory": str(tf1_checkpoints / "seed_style")}
     fs = gcsfs.GCSFileSystem(token="anon")
     fs.put(local["savedmodel"], f"{bucket}/models/savedmodel", recursive=True)
     for name in ("model.ckpt.index", "model.ckpt.data-00000-of-00001"):
         fs.put(str(tf1_checkpoints / "gru_stack" / name), f"{bucket}/models/tf1/{name}")
+    # The seed's way: a directory whose `checkpoint` file names the latest checkpoint
+    # by an absolute path, here of the machine it was trained on.
+    fs.put(local["tf1-directory"], f"{bucket}/models/seed", recursive=True)
+    fs.pipe(f"{bucket}/models/seed/checkpoint",
+            b'model_checkpoint_path: "/home/someone/checkpoint_dir/model.ckpt"\n')
     options = ModelOptions(tf1_forget_bias=0.25)
     for kind, remote in [("savedmodel", f"{bucket}/models/savedmodel"),
-                         ("tf1", f"{bucket}/models/tf1/model.ckpt")]:
+                         ("tf1", f"{bucket}/models/tf1/model.ckpt"),
+                         ("tf1-directory", f"{bucket}/models/seed")]:
         assert load_model(remote, options).fingerprint == load_model(local[kind],
                                                                      options).fingerprint
     with pytest.raises(ModelError, match="does not exist"):

@@ -15,7 +15,7 @@ from pipeline.importer import import_state
 from pipeline.options import RunConfig
 from schemas import Chunk
 from tests.chunked import assert_equals_whole_sequence, run_chunked
-from tests.conftest import IN_PROCESS
+from tests.conftest import IN_PROCESS, TWO_WORKERS
 from tests.test_pipeline import write_chunks
 from transforms.kernel import StepKernel
 from transforms.model import ModelError, ModelOptions, load_model
@@ -83,16 +83,39 @@ def test_peepholes_projection_and_head_are_read(tf1_checkpoints):
     assert stack.notes == ()
 
 
-def test_tf1_pipeline_over_chunked_runs_equals_tf1_on_whole_sequences(tf1_checkpoints,
-                                                                      tmp_path):
-    directory = tf1_checkpoints / "peephole_projection"
+@pytest.mark.parametrize("name, config, beam_args", [
+    ("peephole_projection", {}, IN_PROCESS),
+    # The model options must reach the model loaded in each worker process.
+    pytest.param("gru_stack", {"tf1_forget_bias": 0.25}, TWO_WORKERS,
+                 marks=pytest.mark.slow),
+])
+def test_tf1_pipeline_over_chunked_runs_equals_tf1_on_whole_sequences(
+        tf1_checkpoints, tmp_path, name, config, beam_args):
+    directory = tf1_checkpoints / name
     expected = oracle(directory)
     whole = {sequence_id: features for sequence_id, (features, _, _) in expected.items()}
-    state, reports = run_chunked(str(directory / "model.ckpt"), whole, tmp_path)
+    state, reports = run_chunked(str(directory / "model.ckpt"), whole, tmp_path,
+                                 beam_args=beam_args, **config)
     assert sum(r["chunks_processed"] for r in reports) == sum(r["chunks_read"] for r in reports)
     worst = assert_equals_whole_sequence(state, whole,
                                          lambda sequence_id, _: expected[sequence_id][1:])
-    print(f"max abs diff vs TF1 dynamic_rnn, 3 chunked runs: {worst:.3g}")
+    print(f"max abs diff vs TF1 dynamic_rnn ({name}), 3 chunked runs: {worst:.3g}")
+
+
+def test_model_options_travel_with_the_pickled_dofn(tf1_checkpoints):
+    """What a worker process does with RunBatches: unpickle it, set it up (load the
+    model): the TF1 options must come along (cheap stand-in for the slow two-worker
+    variant above)."""
+    from apache_beam.internal import pickler
+
+    from transforms.dofns import RunBatches
+
+    path = str(tf1_checkpoints / "gru_stack" / "model.ckpt")
+    options = ModelOptions(tf1_forget_bias=0.25)
+    worker = pickler.loads(pickler.dumps(RunBatches(path, 4, 16, 0, options)))
+    worker.setup()
+    assert worker._model.stack.fingerprint == load_model(path, options).fingerprint
+    assert worker._model.stack.fingerprint != load_model(path).fingerprint
 
 
 def keras_twin(stack, path):

@@ -570,7 +570,11 @@ def checkpoint_prefix(path: str) -> str | None:
     if os.path.isfile(os.path.join(path, "checkpoint")):
         import tensorflow as tf
 
-        return tf.train.latest_checkpoint(path)
+        latest = tf.train.get_checkpoint_state(path).model_checkpoint_path
+        # TF1's Saver records an absolute path by default, wrong once the directory
+        # is copied (from gs://, or to another machine): look beside the file.
+        prefix = os.path.join(path, os.path.basename(latest))
+        return prefix if os.path.isfile(prefix + ".index") else None
     return None
 
 
