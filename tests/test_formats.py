@@ -283,6 +283,34 @@ def test_savedmodel_fingerprint_follows_its_variables(tmp_path):
     assert first.fingerprint != load_model(str(tmp_path / "m.keras")).fingerprint
 
 
+def hand_written_step_savedmodel(directory, state_name):
+    """A SavedModel not from Keras: a moving average with a learned rate, as a step."""
+    module = tf.Module()
+    module.rate = tf.Variable([0.3, 0.7, 0.9])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, INPUT_DIM], tf.float32, name="x"),
+                                  tf.TensorSpec([None, INPUT_DIM], tf.float32,
+                                                name=state_name)])
+    def step(x, state):
+        new = module.rate * state + (1.0 - module.rate) * x
+        return {"outputs": tf.tanh(new), state_name: new}
+
+    tf.saved_model.save(module, directory, signatures={"step": step})
+    return directory
+
+
+def test_any_savedmodel_with_a_step_signature_runs(tmp_path):
+    directory = hand_written_step_savedmodel(str(tmp_path / "ema"), "layer0_average")
+    stack = load_model(directory)
+    assert stack.state_names == ("layer0_average",) and stack.state_sizes == (INPUT_DIM,)
+    features = features_for("gru")
+    worst = assert_close(*run_in_chunks(stack, features),
+                         *savedmodel_whole_sequence(directory)(features))
+    print(f"max abs diff vs a hand-written SavedModel's own steps: {worst:.3g}")
+    with pytest.raises(ModelError, match="state 'average' must be named layer<K>_<part>"):
+        load_model(hand_written_step_savedmodel(str(tmp_path / "bad"), "average"))
+
+
 def test_savedmodel_errors_are_clear(tmp_path):
     model = keras_model("gru_both_modes")
     model.export(str(tmp_path / "serving"), verbose=False)  # a whole-sequence signature

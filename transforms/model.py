@@ -669,7 +669,10 @@ class SavedModelLoader(ModelLoader):
     def load(self, path: str, options: ModelOptions) -> RecurrentStack:
         import tensorflow as tf
 
-        loaded = tf.saved_model.load(path)
+        try:
+            loaded = tf.saved_model.load(path)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"{path}: cannot be read as a SavedModel: {error}") from error
         step = loaded.signatures.get(STEP_SIGNATURE)
         if step is None:
             raise ModelError(
@@ -680,36 +683,44 @@ class SavedModelLoader(ModelLoader):
         inputs = dict(step.structured_input_signature[1])
         outputs = dict(step.structured_outputs)
         x, out = inputs.pop("x", None), outputs.pop("outputs", None)
-        problems = [f"{label} {name!r} must be float32 [batch, width], not {spec}"
-                    for label, name, spec in [("input", "x", x), ("output", "outputs", out)]
-                    + [("state", n, s) for n, s in {**inputs, **outputs}.items()]
-                    if spec is None or spec.dtype != tf.float32 or spec.shape.rank != 2
-                    or spec.shape[1] is None]
+        names = tuple(sorted(inputs))
+        problems = [problem for name, spec in [("x", x), ("outputs", out), *inputs.items(),
+                                               *outputs.items()]
+                    if (problem := _spec_problem(name, spec))]
         if set(inputs) != set(outputs):
             problems.append(f"its state inputs {sorted(inputs)} and state outputs "
                             f"{sorted(outputs)} must have the same names")
+        elif not problems:
+            problems = [f"state {name!r} has width {inputs[name].shape[1]} as an input but "
+                        f"{outputs[name].shape[1]} as an output"
+                        for name in names if inputs[name].shape[1] != outputs[name].shape[1]]
         problems += [f"state {name!r} must be named layer<K>_<part>, e.g. layer0_h"
-                     for name in inputs if not re.fullmatch(r"layer\d+_[a-z0-9_]+", name)]
+                     for name in names if not re.fullmatch(r"layer\d+_[a-z0-9_]+", name)]
         if problems:
             raise ModelError(f"{path}: signature {STEP_SIGNATURE!r}: " + "; ".join(problems))
-        names = tuple(sorted(inputs))
-        mismatched = [n for n in names if inputs[n].shape[1] != outputs[n].shape[1]]
-        if mismatched:
-            raise ModelError(f"{path}: signature {STEP_SIGNATURE!r}: states {mismatched} "
-                             "have different widths as inputs and as outputs")
         layer = StepFunctionLayer(step, int(x.shape[1]), int(out.shape[1]), names,
                                   tuple(int(inputs[n].shape[1]) for n in names),
-                                  _variables_sha256(path, step), owner=loaded)
+                                  _variables_sha256(path), owner=loaded)
         return RecurrentStack((layer,), source=f"{self.format_name}:{path}")
 
 
-def _variables_sha256(path: str, step: Any) -> str:
-    """Digest of the SavedModel's step signature (names, shapes) and its variables'
-    values, read from its variables checkpoint in sorted order."""
+def _spec_problem(name: str, spec: Any) -> str | None:
+    """Why a tensor of the step signature is not float32 [batch, width], or None."""
     import tensorflow as tf
 
-    digest = hashlib.sha256(repr(step.structured_input_signature).encode()
-                            + repr(step.structured_outputs).encode())
+    if spec is None:
+        return f"{name!r} is missing"
+    if spec.dtype != tf.float32 or spec.shape.rank != 2 or spec.shape[1] is None:
+        return f"{name!r} must be float32 [batch, width], not {spec}"
+    return None
+
+
+def _variables_sha256(path: str) -> str:
+    """Digest of the SavedModel's variables (names, dtypes, shapes, values), read from
+    its variables checkpoint in sorted order of name."""
+    import tensorflow as tf
+
+    digest = hashlib.sha256()
     reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
     for name in sorted(reader.get_variable_to_shape_map()):
         value = np.asarray(reader.get_tensor(name))
