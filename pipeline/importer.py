@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import io
 import time
+import zipfile
 
 import numpy as np
 
@@ -34,8 +35,11 @@ def import_state(model_url: str, options: ModelOptions, state_url: str, source: 
     if store.current() is not None:
         raise InputError(f"{state_url} already has committed snapshots; import-state only "
                          "starts a new state directory")
-    with np.load(io.BytesIO(storage.read_bytes(source)), allow_pickle=False) as arrays:
-        columns = {name: arrays[name] for name in arrays.files}
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(source)), allow_pickle=False) as arrays:
+            columns = {name: arrays[name] for name in arrays.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"{source} cannot be read as a numpy .npz file: {error}") from error
     unknown = sorted(set(columns) - {"sequence_id", *_OPTIONAL, *stack.state_names})
     missing = [name for name in ("sequence_id", *stack.state_names) if name not in columns]
     if unknown or missing:
@@ -51,6 +55,8 @@ def import_state(model_url: str, options: ModelOptions, state_url: str, source: 
         if columns[name].shape != (count, size):
             raise InputError(f"{source}: {name} has shape {list(columns[name].shape)}; the "
                              f"model needs [{count}, {size}] (one row per sequence_id)")
+        if not np.isfinite(columns[name]).all():
+            raise InputError(f"{source}: {name} holds NaN or infinite values")
     counters = {name: np.asarray(columns.get(name, np.zeros(count)), np.int64)
                 for name in _OPTIONAL}
     run_id = checked_run_id(run_id, prefix="import-")

@@ -5,6 +5,11 @@ right-padded sequences [batch, steps, input_dim] from given initial states. Each
 has its own length; on a row's padded steps its state is carried unchanged, so the
 final state of every row is its state after its own last real step.
 
+Each recurrent layer's math is chosen by its kind (``_LAYER_MATH``): LSTM (with TF1's
+peepholes and projection as a separate function), GRU, and an opaque step function
+(a SavedModel's ``step`` signature, called once per step inside the loop: the one
+path where the kernel does not see the weights). Every path masks the same way.
+
 Time is processed in windows of at most ``window_steps`` steps, so memory for the
 intermediate activations is bounded by batch x window, and the compiled function
 takes dynamic batch and window sizes: it is traced once per kernel, not per bundle.
