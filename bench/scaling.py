@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
@@ -20,28 +19,19 @@ CHUNK_STEPS = 128
 
 
 def _snapshot(state_url: str, model_path: str, sequence_ids: list[str]) -> None:
-    """Commit a snapshot holding ``sequence_ids`` with random states, written directly
-    in seqcarry's snapshot format (what a run writes), to save a long set-up run."""
-    from pipeline import storage
-    from schemas import CarriedState, states_to_table
-    from transforms.model import load_model
+    """Start ``state_url`` with random states for ``sequence_ids`` (``seqcarry
+    import-state``), instead of a long set-up run."""
+    from pipeline.importer import import_state
+    from transforms.model import ModelOptions, load_model
 
     stack = load_model(model_path)
     rng = np.random.default_rng(1)
-    states = [CarriedState(sequence_id, 1, CHUNK_STEPS,
-                           tuple(rng.normal(0, 0.1, size).astype(np.float32)
-                                 for size in stack.state_sizes), stack.fingerprint)
-              for sequence_id in sorted(sequence_ids)]
-    store = storage.StateStore(state_url)
-    record = storage.write_table(store.snapshot_file_url("seed", "state", 0, 1),
-                                 states_to_table(states, stack.state_names), layer=1)
-    store.write_manifest(storage.Manifest(
-        run_id="seed", run_number=1, parent=None,
-        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        model_fingerprint=stack.fingerprint, state_names=stack.state_names,
-        counts={"sequences_live": len(states)}, state_files=(record,), pending_files=(),
-        output_files=(), dead_letter_files=(), final_state_files=()))
-    store.commit("seed", None)
+    source = state_url + ".npz"
+    np.savez(source, sequence_id=np.array(sorted(sequence_ids)),
+             next_chunk_index=np.ones(len(sequence_ids), np.int64),
+             **{name: rng.normal(0, 0.1, (len(sequence_ids), size)).astype(np.float32)
+                for name, size in zip(stack.state_names, stack.state_sizes)})
+    import_state(model_path, ModelOptions(), state_url, source, run_id="seed")
 
 
 def incremental(root: str, model_path: str, input_dim: int) -> dict:

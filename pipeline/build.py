@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
-import re
 import time
 from typing import Any, Sequence
 
@@ -18,7 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import storage
-from pipeline.options import InputError, RunConfig, add_run_arguments
+from pipeline.options import InputError, RunConfig, add_run_arguments, checked_run_id
 from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
                               ApplyChunks, ReadChunkFile, ReadSnapshotFile, WriteDeadLetters,
                               WriteFinalStates, WriteManifest, WriteOutputPart,
@@ -37,7 +35,6 @@ RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
                   "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 # Where every chunk read ends up: exactly one of these.
 CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +59,9 @@ def plan_run(config: RunConfig) -> RunPlan:
         raise InputError("--batch-size, --window-steps and --max-layers must be at least 1")
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")
-    stack = load_model(config.model)
+    stack = load_model(config.model, config.model_options())
     store = storage.StateStore(config.state)
-    run_id = config.run_id or datetime.datetime.now(
-        datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    if not _RUN_ID.match(run_id):
-        raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
-                         "(at most 128, starting with a letter or digit)")
+    run_id = checked_run_id(config.run_id)
     pointer = store.current()
     parent = store.manifest(pointer.run_id, pointer.manifest_sha256) if pointer else None
     if parent and parent.model_fingerprint != stack.fingerprint and not config.reset_state:
@@ -130,7 +123,8 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         | "SpreadChunkFiles" >> beam.Reshuffle()
         | "ReadChunks" >> beam.ParDo(ReadChunkFile(
             stack.input_dim, config.allow_non_finite, plan.run_id,
-            storage.StateStore(config.state).staging_url(plan.run_id), plan.buckets)),
+            storage.StateStore(config.state).staging_url(plan.run_id), plan.buckets,
+            stack.vocabulary)),
         ("chunks", "dead_letters", LEDGER), "Read")
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
                       + [(PENDING_FILE, r) for r in plan.parent.pending_files]
@@ -152,7 +146,8 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
          "pending": snapshot["pending"]}
         | "ApplyChunks" >> ApplyChunks(
             config.model, plan.planner, config.batch_size, config.window_steps,
-            plan.chunk_rows + (plan.parent.pending_chunks if plan.parent else 0)))
+            plan.chunk_rows + (plan.parent.pending_chunks if plan.parent else 0),
+            config.model_options()))
     shards = plan.state_shards
     snapshot_written = (
         {"states": applied["states"] | "ShardStates" >> beam.Map(_shard_of, shards),

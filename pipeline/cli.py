@@ -10,7 +10,8 @@ import traceback
 from typing import Sequence
 
 from pipeline import storage
-from pipeline.options import InputError, RunConfig, add_run_arguments
+from pipeline.options import (InputError, RunConfig, add_model_arguments, add_model_options,
+                              add_run_arguments, model_options)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
 
@@ -100,6 +101,35 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--html", default=None, metavar="FILE",
                         help="also write the report with plots to FILE")
 
+    inspect_model = command(
+        "inspect-model", "show a model as seqcarry runs it: format, layers, state, fingerprint",
+        "Load a model the way `run` would (format detected: .keras file, SavedModel "
+        "directory, tf.train.Checkpoint or TF1 checkpoint prefix; local or gs://) and show "
+        "its format, layers with their units, input and output widths, the state carried "
+        "per sequence (parts and sizes) and the fingerprint recorded with that state. "
+        "Checkpoint variables the model does not use are listed as a note.",
+        "seqcarry inspect-model checkpoints/model.ckpt --tf1-scope encoder/rnn=rnn\n"
+        "  seqcarry inspect-model build/demo/model.keras --json", state=False)
+    inspect_model.add_argument("path", metavar="PATH", help="the model (as for run --model)")
+    add_model_options(inspect_model)
+    inspect_model.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    import_state = command(
+        "import-state", "start a state directory from states saved elsewhere (.npz)",
+        "Commit recurrent states saved outside seqcarry (e.g. h and c kept with numpy "
+        "between TF1 sessions) as the first snapshot of a new state directory, under the "
+        "model's fingerprint; the next `run` with that model continues each sequence from "
+        "them. FROM is a numpy .npz file with sequence_id [N] and one [N, size] array per "
+        "state part, named as `inspect-model` lists them (layer0_h, layer0_c, ...), and "
+        "optionally next_chunk_index [N] and steps_seen [N] (default 0).",
+        "seqcarry import-state --model checkpoints/model.ckpt --from states.npz "
+        "--state state/")
+    add_model_arguments(import_state)
+    import_state.add_argument("--from", required=True, dest="source", metavar="FROM",
+                              help="the .npz file of states (local or URL)")
+    import_state.add_argument("--run-id", dest="run_id", default=None,
+                              help="name of the snapshot (default: import-<UTC time>)")
+
     demo = command(
         "demo", "generate a model and data, run three times, check against Keras",
         "The built-in demo (what `make run` runs): a generated 2-layer LSTM model and a few "
@@ -127,6 +157,26 @@ def _details_text(details: dict) -> str:
     lines += [f"  {run['run_id']}: chunks {run['chunks']} ({run['steps']} steps)"
               + (f", ended ({run['ended']})" if "ended" in run else "")
               for run in details["runs"]]
+    return "\n".join(lines)
+
+
+def _model_text(summary: dict) -> str:
+    """``inspect-model``'s summary as lines people read."""
+    shown_apart = ("position", "kind", "input_dim", "output_dim")
+    lines = [f"format: {summary['format']} ({summary['source']})",
+             f"input width: {summary['input_width']}",
+             f"output width: {summary['output_width']}", "layers:"]
+    for layer in summary["layers"]:
+        details = ", ".join(f"{key} {value}" for key, value in layer.items()
+                            if key not in shown_apart)
+        lines.append(f"  {layer['position']:<5} {layer['kind']:<13} "
+                     f"{layer['input_dim']} -> {layer['output_dim']}: {details}")
+    states = summary["state_parts"]
+    lines.append(f"state per sequence: {summary['state_floats_per_sequence']} float32 "
+                 f"({4 * summary['state_floats_per_sequence']} bytes): "
+                 + ", ".join(f"{name} {size}" for name, size in states.items()))
+    lines.append(f"fingerprint: {summary['fingerprint']}")
+    lines += [f"note: {note}" for note in summary["notes"]]
     return "\n".join(lines)
 
 
@@ -211,6 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(arguments.html, "w") as handle:
                     handle.write(report.html_page(arguments.state, rows))
                 print(f"wrote {arguments.html}")
+        elif arguments.command == "inspect-model":
+            from transforms.model import load_model
+
+            summary = load_model(arguments.path, model_options(arguments)).summary()
+            print(json.dumps(summary, indent=2) if arguments.json else _model_text(summary))
+        elif arguments.command == "import-state":
+            from pipeline.importer import import_state
+
+            print(json.dumps(import_state(arguments.model, model_options(arguments),
+                                          arguments.state, arguments.source,
+                                          arguments.run_id), indent=2))
         elif arguments.command == "demo":
             from pipeline.demo import run_demo
 

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import re
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from transforms.model import ModelOptions
 
 
 class InputError(ValueError):
     """The run's inputs cannot be used as given (no files, wrong model for the state...)."""
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def checked_run_id(run_id: str | None, prefix: str = "") -> str:
+    """``run_id`` if it is a valid name, or ``prefix`` + the UTC time when None."""
+    run_id = run_id or prefix + datetime.datetime.now(
+        datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    if not _RUN_ID.match(run_id):
+        raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
+                         "(at most 128, starting with a letter or digit)")
+    return run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +45,55 @@ class RunConfig:
     expire_after_runs: int | None = None
     expire_after_days: float | None = None
     max_layers: int = 8
+    model_architecture: str | None = None
+    tf1_scopes: Sequence[str] = ()
+    tf1_forget_bias: float = 1.0
+
+    def model_options(self) -> "ModelOptions":
+        """How to read ``model`` beyond what auto-detection sees (travels to workers)."""
+        return model_options(self)
+
+
+def model_options(values: "RunConfig | argparse.Namespace") -> "ModelOptions":
+    """The :class:`~transforms.model.ModelOptions` of parsed model options."""
+    from transforms.model import ModelOptions
+
+    return ModelOptions.from_arguments(values.model_architecture, values.tf1_scopes,
+                                       values.tf1_forget_bias)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and what may be needed to read it (``run``, ``inspect-model``...)."""
+    parser.add_argument("--model", required=True,
+                        help="the model, format detected: a Keras 3 .keras file, a "
+                             "SavedModel directory with a 'step' signature, or a checkpoint "
+                             "prefix (model.ckpt for model.ckpt.index + .data-*) of "
+                             "tf.train.Checkpoint or of TF1 tf.train.Saver (README, 'Models')")
+    add_model_options(parser)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say how to read a model, beside wherever the model is named."""
+    parser.add_argument("--model-architecture", dest="model_architecture", default=None,
+                        metavar="FILE",
+                        help="for a tf.train.Checkpoint: the Keras architecture, as a "
+                             ".keras file (its weights are ignored) or a JSON file of "
+                             "model.to_json()")
+    parser.add_argument("--tf1-scope", dest="tf1_scopes", action="append", default=[],
+                        metavar="OLD=NEW",
+                        help="for a TF1 checkpoint: read variables named OLD/... as "
+                             "NEW/... (repeatable), e.g. encoder/rnn=rnn to pick one of "
+                             "several RNNs, or encoder/my_cell=rnn/basic_lstm_cell for a "
+                             "renamed cell")
+    parser.add_argument("--tf1-forget-bias", dest="tf1_forget_bias", type=float,
+                        default=1.0, metavar="B",
+                        help="for a TF1 checkpoint: the forget_bias its LSTM cells were "
+                             "built with (not stored in checkpoints; default 1.0, TF1's)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """seqcarry's own ``run`` options (everything else is passed to Beam)."""
-    parser.add_argument("--model", required=True,
-                        help="model file: a Keras 3 .keras file of stacked "
-                             "LSTM(return_sequences=True) layers, optionally followed by Dense")
+    add_model_arguments(parser)
     parser.add_argument("--chunks", required=True,
                         help="input chunk Parquet files: a file, a directory or a glob "
                              "(quote it so the shell does not expand it)")

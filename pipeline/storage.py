@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -147,13 +148,34 @@ def read_bytes(url: str) -> bytes:
 
 
 def local_copy(url: str) -> str:
-    """A local path holding the file at ``url`` (the path itself for local files)."""
+    """A local path holding the file or directory at ``url`` (the path itself for
+    local ones)."""
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"),
+                          os.path.basename(path.rstrip("/")))
+    with _storage_errors(url, "download"):
+        if fs.isdir(path):
+            for name in fs.find(path):  # every object below it, at its relative place
+                local = os.path.join(target, os.path.relpath(name, path.rstrip("/")))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get(name, local)
+        else:
+            fs.get(path, target)
+    return target
+
+
+def local_copy_checkpoint(url: str) -> str:
+    """A local prefix holding the TensorFlow checkpoint whose prefix is ``url``
+    (``url.index``, ``url.data-*``; the prefix itself for a local one)."""
     fs, path = _fs(url)
     if isinstance(fs, LocalFileSystem):
         return path
     target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"), os.path.basename(path))
     with _storage_errors(url, "download"):
-        fs.get(path, target)
+        for name in fs.glob(glob.escape(path) + ".*"):
+            fs.get(name, target + name[len(path):])
     return target
 
 

@@ -23,8 +23,10 @@ NULL_VALUES = "null_values"                # a null step or a null value inside 
 RAGGED_FEATURES = "ragged_features"        # steps of different widths
 WRONG_INPUT_WIDTH = "wrong_input_width"    # width differs from the model's input width
 NON_FINITE = "non_finite"                  # NaN or +-Inf (unless allowed)
+INVALID_TOKEN_ID = "invalid_token_id"      # an Embedding model's id is not whole or in range
 READ_REASONS = (MISSING_COLUMN, WRONG_TYPE, MISSING_SEQUENCE_ID, INVALID_CHUNK_INDEX,
-                EMPTY_FEATURES, NULL_VALUES, RAGGED_FEATURES, WRONG_INPUT_WIDTH, NON_FINITE)
+                EMPTY_FEATURES, NULL_VALUES, RAGGED_FEATURES, WRONG_INPUT_WIDTH, NON_FINITE,
+                INVALID_TOKEN_ID)
 
 _FLOAT32_MATRIX = pa.list_(pa.list_(pa.float32()))
 
@@ -51,12 +53,14 @@ def _is_numeric_matrix(data_type: pa.DataType) -> bool:
 
 
 def validate_chunks(table: pa.Table, source: str, input_dim: int,
-                    allow_non_finite: bool = False,
-                    arrived_in_run: str = "") -> tuple[list[Chunk], list[DeadLetter]]:
+                    allow_non_finite: bool = False, arrived_in_run: str = "",
+                    vocabulary: int | None = None) -> tuple[list[Chunk], list[DeadLetter]]:
     """Split an input file's rows into valid chunks and dead letters.
 
     Each row gets the first problem found, checked in the order of
-    :data:`READ_REASONS`. ``source`` names the file in every dead letter.
+    :data:`READ_REASONS`. ``source`` names the file in every dead letter. With a
+    ``vocabulary`` (a model that starts with an embedding), every value must be a
+    token id: a whole number in [0, vocabulary).
     """
     rows = table.num_rows
     problems: list[tuple[str, str] | None] = [None] * rows
@@ -129,6 +133,12 @@ def validate_chunks(table: pa.Table, source: str, input_dim: int,
             data = values[begin:end].reshape(last - first, input_dim)
             if not allow_non_finite and not np.isfinite(data).all():
                 reject(row, NON_FINITE, "features holds NaN or infinite values")
+                continue
+            if vocabulary is not None and not (
+                    (data == np.floor(data)) & (data >= 0) & (data < vocabulary)).all():
+                reject(row, INVALID_TOKEN_ID, "features holds a value that is not a token "
+                                              f"id of the model (a whole number in [0, "
+                                              f"{vocabulary}))")
                 continue
             matrices[row] = data
 

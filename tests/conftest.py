@@ -86,3 +86,20 @@ def dask_cluster():
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                       host="127.0.0.1", dashboard_address=None) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def tf1_checkpoints(tmp_path_factory):
+    """Real TF1 checkpoints and their TF1 oracle (see tests/tf1_checkpoints.py), written
+    once per session in a subprocess: the TF1 cells need TF_USE_LEGACY_KERAS=1, which
+    must be set before TensorFlow is imported."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tf1")
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    done = subprocess.run([sys.executable, "-m", "tests.tf1_checkpoints", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -91,3 +91,28 @@ def test_demo_runs_three_times_and_checks_against_keras(tmp_path):
     line = next(l for l in demo.stdout.splitlines()
                 if l.startswith("max abs diff vs whole sequence"))
     assert float(line.split("outputs ")[1].split(",")[0]) < 1e-5
+
+
+def test_inspect_model_shows_the_model_and_a_bad_one_exits_2(tmp_path):
+    import keras
+
+    model = make_model(str(tmp_path / "m.keras"), 3, (4,), 2)
+    shown = seqcarry("inspect-model", model)
+    assert shown.returncode == 0, shown.stderr
+    for line in ("format: keras", "input width: 3", "output width: 2",
+                 "state per sequence: 8 float32 (32 bytes): layer0_h 4, layer0_c 4",
+                 "fingerprint: sha256:"):
+        assert line in shown.stdout
+    bidirectional = str(tmp_path / "bidirectional.keras")
+    keras.Sequential([keras.Input((None, 3)), keras.layers.Bidirectional(
+        keras.layers.LSTM(2, return_sequences=True))]).save(bidirectional)
+    refused = seqcarry("inspect-model", bidirectional)
+    assert refused.returncode == 2
+    assert error_line(refused).startswith("seqcarry: error: keras:")
+    assert "Bidirectional is not supported: it is not causal" in error_line(refused)
+    for command, options in [("inspect-model", ("--tf1-scope", "--model-architecture")),
+                             ("import-state", ("--from", "--model", "--state")),
+                             ("run", ("--tf1-scope", "--tf1-forget-bias"))]:
+        helped = seqcarry(command, "--help")
+        assert helped.returncode == 0 and "example:" in helped.stdout
+        assert all(option in helped.stdout for option in options)

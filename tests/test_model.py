@@ -52,9 +52,9 @@ def test_activations_follow_keras_definitions(tmp_path):
 
 
 @pytest.mark.parametrize("layer, message", [
-    (keras.layers.GRU(3, return_sequences=True), "of type GRU is not supported"),
+    (keras.layers.SimpleRNN(3, return_sequences=True), "of type SimpleRNN is not supported"),
     (keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True)),
-     "of type Bidirectional is not supported"),
+     "of type Bidirectional is not supported: it is not causal"),
     (keras.layers.LSTM(3), "must have return_sequences=True"),
     (keras.layers.LSTM(3, return_sequences=True, go_backwards=True),
      "must have return_sequences=True and go_backwards=False"),

@@ -14,6 +14,7 @@ from pipeline.demo import make_model, write_chunk_files
 from pipeline.options import InputError, RunConfig
 from schemas import Chunk
 from transforms.model import ModelError
+from tests.chunked import assert_equals_whole_sequence
 from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
 
@@ -30,20 +31,7 @@ def run_all(workload, tmp_path, beam_args):
 def assert_equals_whole_sequence_model(workload, state):
     model, whole, _, _ = workload
     reference = keras_whole_sequence(model)
-    produced, carried = results.committed_outputs(state), results.committed_states(state)
-    assert sorted(produced) == sorted(carried) == sorted(whole)
-    worst = 0.0
-    for sequence_id, features in whole.items():
-        expected_outputs, expected_states = reference(features)
-        assert produced[sequence_id].shape == expected_outputs.shape
-        np.testing.assert_allclose(produced[sequence_id], expected_outputs, atol=1e-5)
-        final = carried[sequence_id]
-        assert final.steps_seen == len(features)
-        for got, want in zip(final.tensors, expected_states):
-            np.testing.assert_allclose(got, want, atol=1e-5)
-        worst = max([worst, float(np.abs(produced[sequence_id] - expected_outputs).max())]
-                    + [float(np.abs(g - w).max()) for g, w in zip(final.tensors, expected_states)])
-    return worst
+    return assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
 
 
 @pytest.mark.parametrize("runner", ["in-process", "two-worker-processes", "dask-cluster"])

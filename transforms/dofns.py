@@ -35,6 +35,7 @@ from schemas.validation import chunk_dead_letter, validate_chunks
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, split_into_batches,
                                    stable_bucket)
 from transforms import staging
+from transforms.model import ModelOptions
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"
@@ -72,16 +73,18 @@ class ReadChunkFile(beam.DoFn):
     invalid one, and counts (``ledger``)."""
 
     def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
-                 staging_url: str, buckets: int):
+                 staging_url: str, buckets: int, vocabulary: int | None = None):
         self._input_dim = input_dim
         self._allow_non_finite = allow_non_finite
         self._run_id = run_id
         self._staging_url = staging_url
         self._buckets = buckets
+        self._vocabulary = vocabulary
 
     def process(self, url: str):
         chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
-                                          self._allow_non_finite, self._run_id)
+                                          self._allow_non_finite, self._run_id,
+                                          self._vocabulary)
         # Named after the input file, so a retried bundle rewrites the same file.
         staging_file = storage.join(
             self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".arrow")
@@ -171,8 +174,10 @@ class PlanAndRunBucket(beam.DoFn):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, chunks_total: int = 0):
+                 window_steps: int, chunks_total: int = 0,
+                 model_options: ModelOptions = ModelOptions()):
         self._model_path = model_path
+        self._model_options = model_options
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
@@ -183,8 +188,9 @@ class PlanAndRunBucket(beam.DoFn):
 
     def setup(self):
         self._model = self._shared.acquire(
-            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total),
-            tag=f"{self._model_path}:{self._window_steps}")
+            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total,
+                                self._model_options),
+            tag=f"{self._model_path}:{self._model_options}:{self._window_steps}")
 
     def start_bundle(self):
         self._session = self._model.open_session()
@@ -373,10 +379,11 @@ class ApplyChunks(beam.PTransform):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, chunks_total: int = 0):
+                 window_steps: int, chunks_total: int = 0,
+                 model_options: ModelOptions = ModelOptions()):
         super().__init__()
         self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
-                                     chunks_total)
+                                     chunks_total, model_options)
 
     def expand(self, inputs):
         return split(

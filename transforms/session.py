@@ -16,7 +16,7 @@ from typing import Sequence
 from apache_beam.metrics import Metrics
 
 from transforms.kernel import StepKernel
-from transforms.model import RecurrentStack, load_model
+from transforms.model import ModelOptions, RecurrentStack, load_model
 from transforms.sequencing import BatchResult, SequenceWork, run_batch
 
 METRICS_NAMESPACE = "seqcarry"
@@ -50,9 +50,10 @@ class Progress:
 class LoadedModel:
     """A model and its compiled kernel, loaded once per process."""
 
-    def __init__(self, model_path: str, window_steps: int, chunks_total: int = 0):
+    def __init__(self, model_path: str, window_steps: int, chunks_total: int = 0,
+                 model_options: ModelOptions | None = None):
         started = time.perf_counter()
-        self.stack: RecurrentStack = load_model(model_path)
+        self.stack: RecurrentStack = load_model(model_path, model_options)
         self.kernel = StepKernel(self.stack, window_steps)
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
