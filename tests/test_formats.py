@@ -7,8 +7,13 @@ import pyarrow as pa
 import pytest
 import tensorflow as tf
 
+from pipeline.build import run_job
+from pipeline.options import RunConfig
+from schemas import Chunk
 from schemas.validation import INVALID_TOKEN_ID, validate_chunks
 from tests.chunked import assert_equals_whole_sequence, run_chunked
+from tests.conftest import IN_PROCESS
+from tests.test_pipeline import write_chunks
 from transforms.export import export_step_savedmodel
 from transforms.kernel import StepKernel
 from transforms.model import ModelError, ModelOptions, load_model
@@ -109,6 +114,21 @@ def test_keras_pipeline_over_chunked_runs_with_masked_steps(tmp_path):
     reference = keras_whole_sequence(path)
     worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
     print(f"max abs diff vs Keras, masking, 3 chunked runs: {worst:.3g}")
+
+
+def test_embedding_pipeline_over_chunked_runs_and_bad_token_ids(tmp_path):
+    path = str(tmp_path / "embedding.keras")
+    keras_model("embedding_mask_zero").save(path)
+    whole = {f"seq-{n}": features_for("embedding_mask_zero", steps=steps, seed=n)
+             for n, steps in enumerate([40, 1, 25])}
+    state, _ = run_chunked(path, whole, tmp_path)
+    reference = keras_whole_sequence(path)
+    worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
+    print(f"max abs diff vs Keras, embedding, 3 chunked runs: {worst:.3g}")
+    bad = write_chunks(tmp_path / "bad", [Chunk("seq-0", 99, np.array([[13.0]], np.float32))])
+    report = run_job(RunConfig(path, bad, state, str(tmp_path / "outputs"), run_id="bad"),
+                     IN_PROCESS)
+    assert report["chunks_rejected_by_reason"] == {INVALID_TOKEN_ID: 1}
 
 
 def test_gru_fingerprint_depends_on_reset_after(tmp_path):

@@ -210,26 +210,48 @@ def test_import_state_refuses_wrong_names_and_shapes(tf1_checkpoints, tmp_path):
      r"several RNNs \(decoder/rnn, encoder/rnn\); pick one with --tf1-scope SCOPE=rnn"),
     ("seed_style", {"tf1_scopes": (("rnn/basic_lstm_cell", "rnn/my_cell"),)},
      "no TF1 RNN cell found .* --tf1-scope OLD=NEW"),
+    ("bidirectional", {}, r"a bidirectional RNN \(bidirectional_rnn/bw, "
+                          r"bidirectional_rnn/fw\), which is not causal"),
 ])
 def test_tf1_errors_are_clear(tf1_checkpoints, name, options, message):
     with pytest.raises(ModelError, match=message):
         load_model(str(tf1_checkpoints / name / "model.ckpt"), ModelOptions(**options))
 
 
-def test_width_mismatch_between_cells_and_head_is_refused(tmp_path):
-    """A checkpoint whose output projection does not fit the RNN, saved by TF1's Saver."""
+def save_tf1_variables(path, shapes):
+    """A checkpoint of variables of these names and shapes, saved by TF1's Saver."""
     import tensorflow as tf
 
     v1 = tf.compat.v1
     with tf.Graph().as_default():
-        for name, shape in [("rnn/basic_lstm_cell/kernel", [11, 32]),
-                            ("rnn/basic_lstm_cell/bias", [32]), ("softmax_w", [5, 2])]:
+        for name, shape in shapes.items():
             v1.get_variable(name, shape)
         with v1.Session() as session:
             session.run(v1.global_variables_initializer())
-            v1.train.Saver().save(session, str(tmp_path / "model.ckpt"))
-    with pytest.raises(ModelError, match=r"layer 1 \(dense\) takes width 5, but receives 8"):
-        load_model(str(tmp_path / "model.ckpt"))
+            v1.train.Saver().save(session, path)
+    return path
+
+
+@pytest.mark.parametrize("shapes, message", [
+    # an output projection that does not fit the RNN's output
+    ({"rnn/basic_lstm_cell/kernel": [11, 32], "rnn/basic_lstm_cell/bias": [32],
+      "softmax_w": [5, 2]}, r"layer 1 \(dense\) takes width 5, but receives 8"),
+    # a second cell whose input rows do not fit the first cell's output
+    ({"rnn/multi_rnn_cell/cell_0/gru_cell/gates/kernel": [7, 8],
+      "rnn/multi_rnn_cell/cell_0/gru_cell/gates/bias": [8],
+      "rnn/multi_rnn_cell/cell_0/gru_cell/candidate/kernel": [7, 4],
+      "rnn/multi_rnn_cell/cell_0/gru_cell/candidate/bias": [4],
+      "rnn/multi_rnn_cell/cell_1/lstm_cell/kernel": [9, 16],
+      "rnn/multi_rnn_cell/cell_1/lstm_cell/bias": [16]},
+     "cell_1/lstm_cell/kernel has 9 rows: 4 for h leaves 5 for the input, but the layer "
+     "below gives 4"),
+    # Keras' LSTM layer in a TF1 graph: named like a cell, laid out otherwise
+    ({"lstm/lstm_cell/kernel": [10, 16], "lstm/lstm_cell/recurrent_kernel": [4, 16],
+      "lstm/lstm_cell/bias": [16]}, "holds a Keras LSTM layer's variables"),
+])
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path, shapes, message):
+    with pytest.raises(ModelError, match=message):
+        load_model(save_tf1_variables(str(tmp_path / "model.ckpt"), shapes))
 
 
 def test_inspect_model_lists_what_it_found(tf1_checkpoints):

@@ -104,11 +104,18 @@ def main(out):
             return cells, outputs, state
         return build
 
+    def bidirectional(x, length):
+        cells = [rnn_cell.BasicLSTMCell(3), rnn_cell.BasicLSTMCell(3)]
+        outputs, states = v1.nn.bidirectional_dynamic_rnn(
+            *cells, x, sequence_length=length, dtype=tf.float32)
+        return cells[:1], tf.concat(outputs, -1), states[0]  # the forward half's oracle
+
     write(os.path.join(out, "seed_style"), seed_style, 1)
     write(os.path.join(out, "peephole_projection"), peephole_projection, 2)
     write(os.path.join(out, "gru_stack"), gru_stack, 3)
     for scope in ("encoder", "decoder"):  # same seed: same variables, two oracles
         write(os.path.join(out, f"two_rnns_{scope}"), two_rnns(scope), 4)
+    write(os.path.join(out, "bidirectional"), bidirectional, 6)
     write(os.path.join(out, "bias_not_saved"), seed_style, 5,
           saved=lambda variables: [v for v in variables if not v.name.endswith("bias:0")])
 

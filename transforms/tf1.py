@@ -144,6 +144,12 @@ def _find_cells(names: Mapping[str, str], source: str) -> list[tuple[str, str]]:
             "or under rnn/multi_rnn_cell/cell_0/); the checkpoint has "
             f"{_listing(sorted(names.values()))}. If the cells were renamed, map them with "
             "--tf1-scope OLD=NEW, e.g. --tf1-scope encoder/my_cell=rnn/basic_lstm_cell")
+    bidirectional = sorted(r for r in rnns if "bidirectional_rnn" in r.split("/"))
+    if bidirectional:
+        raise ModelError(f"{source}: the checkpoint holds a bidirectional RNN ("
+                         f"{', '.join(bidirectional)}), which is not causal (its backward "
+                         "half reads later steps first), so it cannot run on chunks as "
+                         "they arrive")
     if len(rnns) > 1 and "rnn" not in rnns:
         raise ModelError(f"{source}: the checkpoint holds several RNNs ("
                          f"{', '.join(sorted(r or '(top level)' for r in rnns))}); pick one "
@@ -175,6 +181,12 @@ def _ijfo_to_ifco(matrix: np.ndarray, units: int) -> np.ndarray:
 
 def _lstm(scope: str, variables: _Variables, width: int | None,
           forget_bias: float) -> LSTMLayer:
+    if variables.has(f"{scope}/recurrent_kernel"):
+        # Keras' own LSTM layer (tf.keras in a graph): another layout, which read as a
+        # TF1 cell would compute something else without any error.
+        raise ModelError(f"{variables.source}: {scope} holds a Keras LSTM layer's "
+                         "variables (kernel, recurrent_kernel), not a TF1 cell's; save the "
+                         "Keras model as a .keras file or with tf.train.Checkpoint instead")
     kernel, bias = variables.get(f"{scope}/kernel"), variables.get(f"{scope}/bias")
     if kernel.ndim != 2 or kernel.shape[1] % 4 or bias.shape != (kernel.shape[1],):
         raise ModelError(f"{variables.source}: {scope}: kernel {list(kernel.shape)} and "
