@@ -24,6 +24,13 @@ def config(workload, tmp_path, run, run_id=None, **extra):
                      batch_size=4, window_steps=16, **extra)
 
 
+def run_three(workload, tmp_path, **extra) -> storage.StateStore:
+    """The workload's three runs, without faults; returns their state store."""
+    for run in range(3):
+        run_job(config(workload, tmp_path, run, **extra), IN_PROCESS)
+    return storage.StateStore(str(tmp_path / "state"))
+
+
 def final_state(state_url):
     """Everything the committed snapshot carries, as comparable plain values."""
     return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
@@ -34,9 +41,7 @@ def final_state(state_url):
 def never_failed(workload, tmp_path_factory):
     """Final state and outputs of three runs that never failed."""
     tmp_path = tmp_path_factory.mktemp("never-failed")
-    for run in range(3):
-        run_job(config(workload, tmp_path, run), IN_PROCESS)
-    state = str(tmp_path / "state")
+    state = run_three(workload, tmp_path).url
     return final_state(state), results.committed_outputs(state)
 
 
@@ -180,10 +185,8 @@ def test_an_altered_manifest_is_detected(workload, tmp_path):
 
 def test_rollback_then_rerun_reproduces_the_rolled_back_runs_exactly(workload, tmp_path,
                                                                     never_failed):
-    state = str(tmp_path / "state")
-    for run in range(3):
-        run_job(config(workload, tmp_path, run), IN_PROCESS)
-    store = storage.StateStore(state)
+    store = run_three(workload, tmp_path)
+    state = store.url
     store.rollback("run-1")
     assert [m.run_id for m in store.history()] == ["run-1"]
     for run in (1, 2):
@@ -244,10 +247,7 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
 
 def test_a_run_rewrites_only_the_sequences_it_has_chunks_for(workload, tmp_path,
                                                              never_failed):
-    state = str(tmp_path / "state")
-    for run in range(3):
-        run_job(config(workload, tmp_path, run), IN_PROCESS)
-    store = storage.StateStore(state)
+    store = run_three(workload, tmp_path)
     run_2 = store.manifest("run-2")
     own = {sid for record in run_2.state_files if "/run-2/" in record.path
            for sid in storage.read_table(record.path).column("sequence_id").to_pylist()}
@@ -255,14 +255,12 @@ def test_a_run_rewrites_only_the_sequences_it_has_chunks_for(workload, tmp_path,
     assert RESUMED not in own and own <= arrived
     assert run_2.layers == 2 and store.committed().layers == 3
     assert run_2.sequences == len(results.snapshot_contents(run_2)[0])
-    assert final_state(state) == never_failed[0]
+    assert final_state(store.url) == never_failed[0]
 
 
 def test_compaction_gives_the_same_state_as_layers(workload, tmp_path, never_failed):
-    state = str(tmp_path / "state")
-    for run in range(3):
-        run_job(config(workload, tmp_path, run, max_layers=2), IN_PROCESS)
-    manifest = storage.StateStore(state).committed()
+    store = run_three(workload, tmp_path, max_layers=2)
+    state, manifest = store.url, store.committed()
     assert manifest.layers == 1  # run-3 found two layers and compacted them
     assert final_state(state) == never_failed[0]
     assert manifest.sequences == len(final_state(state))
