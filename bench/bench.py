@@ -164,6 +164,10 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"{name:<8}{value:>10.2f}{targets[name]:>9.1f}"
               f"{'' if value >= targets[name] else '   (missed)'}")
+    stages = report["stage_seconds"]
+    print(f"\npipeline: {report['seconds']:.2f} s wall; in stages (summed over workers): "
+          + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages.items())
+          + "; Beam start-up and the join: the rest")
     print(f"\nincremental: a run touching {incremental['touched']:,} sequences took "
           f"{incremental['seconds_large']:.2f} s against a {incremental['snapshot']:,}-"
           f"sequence snapshot, {incremental['seconds_small']:.2f} s against one holding "

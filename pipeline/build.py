@@ -264,9 +264,11 @@ def commit(plan: RunPlan, manifest: storage.Manifest, metrics: dict[str, Any],
             f"{accounted} ({', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); "
             "nothing was committed")
     storage.fault_point("before_commit")
+    started = time.perf_counter()
     store.commit(plan.run_id, plan.parent_pointer)
     storage.fault_point("after_commit")
     report = make_report(manifest, plan.config, seconds) | {"metrics": metrics}
+    report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
     store.write_report(plan.run_id, report)
     _LOG.info("event=committed run_id=%s chunks_processed=%d steps=%d seconds=%.2f",
               plan.run_id, report["chunks_processed"], report["steps_processed"], seconds)
@@ -302,6 +304,10 @@ def make_report(manifest: storage.Manifest, config: RunConfig, seconds: float) -
         "steps_processed": steps,
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,
+        # Time in each stage, summed over workers; the rest of the wall time is
+        # Beam's: start-up, and moving records between stages (the join).
+        "stage_seconds": {stage: round(ms / 1000, 3)
+                          for stage, ms in by_prefix("ms_").items()},
         "outputs": storage.join(config.outputs, manifest.run_id),
         "dead_letters": [r.path for r in manifest.dead_letter_files],
         "final_states": [r.path for r in manifest.final_state_files],

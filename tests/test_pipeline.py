@@ -18,6 +18,7 @@ from tests.chunked import assert_equals_whole_sequence
 from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
 
+
 def run_all(workload, tmp_path, beam_args):
     model, _, directories, _ = workload
     state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
@@ -50,6 +51,9 @@ def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request
     assert not os.path.exists(os.path.join(state, "staging", "run-3"))  # removed when done
     assert reports[-1]["sequences_live"] == len(workload[1])
     assert sum(r["steps_processed"] for r in reports) == sum(map(len, workload[1].values()))
+    # Where each run's time went, on every runner (from the ledger, not Beam metrics).
+    assert all({"read", "plan", "compute", "write", "commit"} <= set(r["stage_seconds"])
+               and sum(r["stage_seconds"].values()) <= r["seconds"] * 4 for r in reports)
     worst = assert_equals_whole_sequence_model(workload, state)
     print(f"max abs diff vs whole sequence ({runner}): {worst:.3g}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import time
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -60,6 +61,12 @@ def _values_tagged(envelope: tuple[str, object], tag: str):
         yield envelope[1]
 
 
+def _ms_since(started: float) -> int:
+    """Milliseconds since ``started``: stages add theirs to the counts as ``ms_<stage>``,
+    summed over workers, so every run's report says where its time went."""
+    return int((time.perf_counter() - started) * 1000)
+
+
 def _counts(counts: dict[str, int]) -> tuple[str, tuple[str, dict[str, int]]]:
     """A ledger envelope of counts for the report, also kept as Beam metrics counters."""
     for name, value in counts.items():
@@ -82,18 +89,21 @@ class ReadChunkFile(beam.DoFn):
         self._vocabulary = vocabulary
 
     def process(self, url: str):
+        started = time.perf_counter()
         chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
                                           self._allow_non_finite, self._run_id,
                                           self._vocabulary)
         # Named after the input file, so a retried bundle rewrites the same file.
         staging_file = storage.join(
             self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".arrow")
-        for keyed in staging.stage(chunks, staging_file,
-                                   lambda key: stable_bucket(key, self._buckets)):
+        staged = staging.stage(chunks, staging_file,
+                               lambda key: stable_bucket(key, self._buckets))
+        counts = collections.Counter({"chunks_read": len(chunks) + len(letters),
+                                      "ms_read": _ms_since(started)})
+        for keyed in staged:
             yield "chunks", keyed
         for letter in letters:
             yield "dead_letters", letter
-        counts = collections.Counter({"chunks_read": len(chunks) + len(letters)})
         for letter in letters:
             counts[REJECTED] += 1
             counts[f"{REJECTED}_{letter.reason}"] += 1
@@ -114,6 +124,7 @@ class ReadSnapshotFile(beam.DoFn):
         self._buckets = buckets
 
     def process(self, element: tuple[str, storage.FileRecord], touched=None):
+        started = time.perf_counter()
         kind, record = element
         table = storage.read_table(record.path, record)
         if touched is not None:
@@ -121,13 +132,15 @@ class ReadSnapshotFile(beam.DoFn):
             table = table.filter(pc.is_in(table["sequence_id"],
                                           value_set=pa.array(touched, pa.string())))
         if kind == PENDING_FILE:
-            for chunk in chunks_from_table(table, record.path, pending=True):
-                yield "pending", (stable_bucket(chunk.sequence_id, self._buckets),
-                                  (record.layer, chunk))
+            rows = [("pending", chunk) for chunk in
+                    chunks_from_table(table, record.path, pending=True)]
         else:
-            for state in states_from_table(table, self._state_names, record.path):
-                yield "states", (stable_bucket(state.sequence_id, self._buckets),
-                                 (record.layer, state))
+            rows = [("states", state) for state in
+                    states_from_table(table, self._state_names, record.path)]
+        elapsed = _ms_since(started)
+        for tag, row in rows:
+            yield tag, (stable_bucket(row.sequence_id, self._buckets), (record.layer, row))
+        yield _counts({"ms_read_snapshot": elapsed})
 
 
 def plan_sequence(planner: Planner, sequence_id: str, chunks: Sequence[Chunk],
@@ -196,6 +209,7 @@ class PlanAndRunBucket(beam.DoFn):
         self._session = self._model.open_session()
 
     def process(self, element):
+        started = time.perf_counter()
         bucket, grouped = element
         rows = collections.defaultdict(lambda: ([], [], []))
         for chunk in staging.unstage(grouped["chunks"]):
@@ -205,16 +219,20 @@ class PlanAndRunBucket(beam.DoFn):
         for layer, chunk in grouped["pending"]:
             rows[chunk.sequence_id][2].append((layer, chunk))
         counts: collections.Counter = collections.Counter()
-        works = []
+        works, planned = [], []
         for sequence_id in sorted(rows):
             for tag, value in plan_sequence(self._planner, sequence_id, *rows[sequence_id],
                                             counts):
                 if tag == "work":
                     works.append(value)
                 else:
-                    yield tag, value
+                    planned.append((tag, value))
+        counts["ms_plan"] = _ms_since(started)
+        yield from planned
         for number, batch in enumerate(split_into_batches(works, self._batch_size)):
+            started = time.perf_counter()
             result = self._session.run(batch)
+            counts["ms_compute"] += _ms_since(started)
             storage.fault_point("mid_compute")
             yield "outputs", (f"{bucket:05d}-{number:04d}", result.outputs)
             for state in result.states:
@@ -240,18 +258,22 @@ class _WriteRunFile(beam.DoFn):
         self._outputs_url = outputs_url
         self._run_id = run_id
 
-    def _write(self, kind: str, part: str, table) -> tuple[str, storage.FileRecord]:
+    def _write(self, kind: str, part: str, table, started: float):
+        """Write ``table``; the ledger entries of the file and of the time taken since
+        ``started``."""
         url = storage.run_file_url(self._outputs_url, self._run_id, self.folder, part)
-        return kind, storage.write_table(url, table)
+        record = storage.write_table(url, table)
+        return [(kind, record), _counts({"ms_write": _ms_since(started)})]
 
 
 class WriteOutputPart(_WriteRunFile):
     """``(part, [ChunkOutput])`` -> one Parquet file; emits its ledger entry."""
 
     def process(self, element: tuple[str, Sequence[ChunkOutput]]):
+        started = time.perf_counter()
         part, outputs = element
         ordered = sorted(outputs, key=lambda o: (o.sequence_id, o.chunk_index))
-        yield self._write(OUTPUT_FILE, part, outputs_to_table(ordered))
+        yield from self._write(OUTPUT_FILE, part, outputs_to_table(ordered), started)
 
 
 class WriteSnapshotShard(beam.DoFn):
@@ -267,12 +289,11 @@ class WriteSnapshotShard(beam.DoFn):
         self._state_names = tuple(state_names)
 
     def process(self, element):
+        started = time.perf_counter()
         shard, grouped = element
         states = sorted(grouped["states"], key=lambda s: s.sequence_id)
         pending = sorted(grouped["pending"], key=lambda c: (c.sequence_id, c.chunk_index))
         closed = sum(state.closed for state in states)
-        yield COUNTS, {"written_live": len(states) - closed, "written_closed": closed,
-                       "written_pending": len(pending)}
         if states:
             url = self._store.snapshot_file_url(self._run_id, "state", shard, self._shards)
             yield STATE_FILE, storage.write_table(
@@ -282,6 +303,8 @@ class WriteSnapshotShard(beam.DoFn):
             url = self._store.snapshot_file_url(self._run_id, "pending", shard, self._shards)
             yield PENDING_FILE, storage.write_table(
                 url, chunks_to_table(pending, pending=True), self._layer)
+        yield COUNTS, {"written_live": len(states) - closed, "written_closed": closed,
+                       "written_pending": len(pending), "ms_write": _ms_since(started)}
 
 
 class WriteDeadLetters(_WriteRunFile):
@@ -290,11 +313,13 @@ class WriteDeadLetters(_WriteRunFile):
     folder = "dead_letters"
 
     def process(self, element: tuple[int, Iterable[DeadLetter]]):
+        started = time.perf_counter()
         shard, letters = element
         ordered = sorted(letters, key=lambda d: (d.source, d.row if d.row is not None else -1,
                                                  d.sequence_id or "", d.chunk_index or -1,
                                                  d.reason))
-        yield self._write(DEAD_LETTER_FILE, f"{shard:05d}", dead_letters_to_table(ordered))
+        yield from self._write(DEAD_LETTER_FILE, f"{shard:05d}",
+                               dead_letters_to_table(ordered), started)
 
 
 class WriteFinalStates(_WriteRunFile):
@@ -307,11 +332,12 @@ class WriteFinalStates(_WriteRunFile):
         self._state_names = tuple(state_names)
 
     def process(self, element):
+        started = time.perf_counter()
         shard, ended = element
         ordered = sorted(ended, key=lambda pair: pair[0].sequence_id)
         table = states_to_table([state for state, _ in ordered], self._state_names,
                                 end_reasons=[reason for _, reason in ordered])
-        yield self._write(FINAL_STATE_FILE, f"{shard:05d}", table)
+        yield from self._write(FINAL_STATE_FILE, f"{shard:05d}", table, started)
         yield COUNTS, dict(collections.Counter(f"sequences_ended_{reason}"
                                                for _, reason in ordered))
 
