@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tests.oracle import numpy_lstm
-from transforms.kernel import StepKernel
+from transforms.kernel import XLA_ENV, StepKernel, batch_bucket, window_width
 from transforms.model import DenseLayer, LSTMLayer, RecurrentStack
 
 INPUT_DIM = 5
@@ -26,11 +26,12 @@ def oracle_weights(stack):
             [(d.kernel, d.bias) for d in stack.head])
 
 
+@pytest.mark.parametrize("xla", [True, False], ids=["xla", "plain"])
 @pytest.mark.parametrize("window_steps", [1, 4, 1000])
-def test_ragged_masked_batch_matches_numpy_for_every_row(window_steps):
+def test_ragged_masked_batch_matches_numpy_for_every_row(window_steps, xla):
     rng = np.random.default_rng(1)
     stack = random_stack(rng)
-    kernel = StepKernel(stack, window_steps=window_steps)
+    kernel = StepKernel(stack, window_steps=window_steps, xla=xla)
     lengths = np.array([1, 13, 7, 0, 2, 13])
     # Padding is noise, not zeros: only masking can keep it out of the state.
     inputs = rng.normal(size=(len(lengths), 13, INPUT_DIM)).astype(np.float32)
@@ -80,12 +81,48 @@ def test_state_carried_between_calls_equals_one_whole_call():
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_traced_once_whatever_the_batch_and_window_shapes():
+def test_compiled_shapes_stay_few_whatever_the_batch_and_window_shapes():
     rng = np.random.default_rng(4)
     stack = random_stack(rng)
-    kernel = StepKernel(stack, window_steps=16)
-    for batch, steps in [(1, 1), (5, 3), (17, 40), (2, 16)]:
+    kernel = StepKernel(stack, window_steps=16, shards=1)
+    for batch in range(1, 41):
+        steps = int(rng.integers(1, 50))
         kernel.run(rng.normal(size=(batch, steps, INPUT_DIM)).astype(np.float32),
-                   np.full(batch, steps),
+                   rng.integers(0, steps + 1, batch),
                    [np.zeros((batch, size), np.float32) for size in stack.state_sizes])
-    assert kernel.traces == 1
+    # 40 batch sizes and random lengths: ten batch buckets (8, 10, 12, 14, 16, 20, 24,
+    # 28, 32, 40), one window width (16: partial windows are padded to it).
+    assert kernel.compiled_shapes == {
+        (1, rows, 16) for rows in (8, 10, 12, 14, 16, 20, 24, 28, 32, 40)}
+    assert kernel.traces == len(kernel.compiled_shapes)
+
+
+def test_buckets_pad_at_most_a_quarter():
+    assert [batch_bucket(n) for n in (1, 8, 9, 17, 64, 65, 100, 256, 257)] == \
+        [8, 8, 10, 20, 64, 80, 112, 256, 320]
+    assert all(batch_bucket(n) <= max(8, n * 1.25) for n in range(1, 3000))
+    assert [window_width(n, 256) for n in (1, 16, 17, 200, 256, 300)] == \
+        [16, 16, 32, 256, 256, 256]
+
+
+def test_shards_run_a_batch_in_slices_with_the_same_results():
+    rng = np.random.default_rng(5)
+    stack = random_stack(rng)
+    inputs = rng.normal(size=(150, 9, INPUT_DIM)).astype(np.float32)
+    lengths = rng.integers(0, 10, 150)
+    zeros = [np.zeros((150, size), np.float32) for size in stack.state_sizes]
+    one, one_state = StepKernel(stack, shards=1).run(inputs, lengths, zeros)
+    sharded = StepKernel(stack, shards=2)
+    two, two_state = sharded.run(inputs, lengths, zeros)
+    assert {shards for shards, _, _ in sharded.compiled_shapes} == {2}
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(two[row, :length], one[row, :length], atol=1e-6)
+    for a, b in zip(two_state, one_state):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_xla_can_be_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(XLA_ENV, "0")
+    assert StepKernel(random_stack(np.random.default_rng(6))).xla is False
+    monkeypatch.delenv(XLA_ENV)
+    assert StepKernel(random_stack(np.random.default_rng(6))).xla is True
