@@ -11,6 +11,7 @@ Python lists of floats, so large chunks stay cheap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Sequence
 
@@ -84,33 +85,30 @@ def state_schema(state_names: Sequence[str], final: bool = False) -> pa.Schema:
 class Chunk:
     """One chunk of one sequence: ``features`` is float32 [steps, input_dim].
 
-    While a run shuffles chunks, their features wait in a staging file and the chunk
-    travels without them (``features`` None, ``staged`` says where they are; see
-    :mod:`transforms.staging`). ``steps`` and ``digest`` (8 bytes identifying the
-    content: features and is_last) are computed from the features when created.
+    ``source`` and ``row`` say where it was read (input file, row);
+    ``arrived_in_run`` which run read it.
     """
     sequence_id: str
     chunk_index: int
-    features: np.ndarray | None
+    features: np.ndarray
     is_last: bool = False
     arrived_in_run: str = ""
-    source: str = ""  # the input file and row it was read from
+    source: str = ""
     row: int | None = None
-    steps: int = -1
-    digest: bytes = b""
-    staged: tuple[str, int, int] | None = None  # (staging file, batch, row)
 
-    def __post_init__(self) -> None:
-        if self.features is None and (self.staged is None or not self.digest):
-            raise ValueError("a chunk without features must say where they are staged")
-        if self.digest:  # computed already (a copy made with dataclasses.replace)
-            return
+    @property
+    def steps(self) -> int:
+        return int(self.features.shape[0])
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """8 bytes identifying the content (features and is_last): they tell an exact
+        duplicate from a conflicting one. Computed when first needed."""
         digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
         digest.update(np.asarray(self.features.shape, np.int64).tobytes())
-        digest.update(np.ascontiguousarray(self.features, np.float32).tobytes())
+        digest.update(np.ascontiguousarray(self.features, np.float32))
         digest.update(b"\x01" if self.is_last else b"\x00")
-        object.__setattr__(self, "steps", int(self.features.shape[0]))
-        object.__setattr__(self, "digest", digest.digest())
+        return digest.digest()
 
 
 DIGEST_BYTES = 8
@@ -193,15 +191,26 @@ def matrices_from_array(column: pa.Array | pa.ChunkedArray, what: str) -> list[n
     outer = column.offsets.to_numpy()
     inner = column.values.offsets.to_numpy()
     values = column.values.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    matrices = []
-    for row in range(len(column)):
-        first, last = outer[row], outer[row + 1]
-        row_lengths = np.diff(inner[first:last + 1])
-        width = int(row_lengths[0]) if len(row_lengths) else 0
-        if np.any(row_lengths != width):
-            raise ContractError(f"{what}: row {row} has inner lists of different lengths")
-        matrices.append(values[inner[first]:inner[last]].reshape(last - first, width))
-    return matrices
+    steps = np.diff(outer)
+    step_widths = np.diff(inner)
+    widths = np.where(steps > 0, step_widths[np.minimum(outer[:-1], len(step_widths) - 1)]
+                      if len(step_widths) else 0, 0)
+    ragged = rows_flagged(
+        step_widths[outer[0]:outer[-1]] != np.repeat(widths, steps), outer - outer[0])
+    if ragged.any():
+        raise ContractError(f"{what}: row {np.flatnonzero(ragged)[0]} has inner lists of "
+                            "different lengths")
+    starts = inner[outer]
+    return [values[starts[row]:starts[row + 1]].reshape(steps[row], widths[row])
+            for row in range(len(column))]
+
+
+def rows_flagged(flags: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Which rows hold a set flag, row r holding ``flags[bounds[r]:bounds[r + 1]]``
+    (a bool per row): checks over a whole column at once, without a loop per row."""
+    rows = np.zeros(len(bounds) - 1, bool)
+    rows[np.searchsorted(bounds, np.flatnonzero(flags), side="right") - 1] = True
+    return rows
 
 
 def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from schemas.contract import Chunk, DeadLetter
+from schemas.contract import Chunk, DeadLetter, rows_flagged
 
 # Stable reason codes of records rejected when read (see README, "Input accounting").
 MISSING_COLUMN = "missing_column"          # the file lacks a required column
@@ -108,39 +108,45 @@ def validate_chunks(table: pa.Table, source: str, input_dim: int,
         matrix = features.cast(_FLOAT32_MATRIX).combine_chunks()
         outer = matrix.offsets.to_numpy()
         inner = matrix.values.offsets.to_numpy()
-        step_is_null = matrix.values.is_null().to_numpy(zero_copy_only=False)
-        value_is_null = matrix.values.values.is_null().to_numpy(zero_copy_only=False)
         values = matrix.values.values.to_numpy(zero_copy_only=False)
-        row_is_null = matrix.is_null().to_numpy(zero_copy_only=False)
-        for row in range(rows):
-            first, last = outer[row], outer[row + 1]
-            if row_is_null[row] or last == first:
+        # Each check runs over the whole file at once, as a count per row of the steps
+        # or values that fail it; only rows that fail are looked at one by one.
+        value_bounds = inner[outer]  # row r's values are [value_bounds[r], value_bounds[r+1])
+        widths = np.diff(inner)
+        empty = matrix.is_null().to_numpy(zero_copy_only=False) | (np.diff(outer) == 0)
+        has_null = (rows_flagged(matrix.values.is_null().to_numpy(zero_copy_only=False),
+                                  outer)
+                    | rows_flagged(matrix.values.values.is_null().to_numpy(
+                        zero_copy_only=False), value_bounds))
+        off_width = rows_flagged(widths != input_dim, outer)
+        with np.errstate(invalid="ignore"):
+            non_finite = (np.zeros(rows, bool) if allow_non_finite
+                          else rows_flagged(~np.isfinite(values), value_bounds))
+            not_token = (np.zeros(rows, bool) if vocabulary is None else rows_flagged(
+                (values != np.floor(values)) | (values < 0) | (values >= vocabulary),
+                value_bounds))
+        for row in np.flatnonzero(empty | has_null | off_width | non_finite | not_token):
+            row_widths = widths[outer[row]:outer[row + 1]]
+            if empty[row]:
                 reject(row, EMPTY_FEATURES, "features is null or has no steps")
-                continue
-            begin, end = inner[first], inner[last]
-            if step_is_null[first:last].any() or value_is_null[begin:end].any():
+            elif has_null[row]:
                 reject(row, NULL_VALUES, "features holds a null step or value")
-                continue
-            widths = np.diff(inner[first:last + 1])
-            if (widths != widths[0]).any():
+            elif (row_widths != row_widths[0]).any():
                 reject(row, RAGGED_FEATURES, f"features steps have different widths "
-                                             f"({sorted(set(widths.tolist()))})")
-                continue
-            if widths[0] != input_dim:
-                reject(row, WRONG_INPUT_WIDTH, f"features has width {widths[0]}; the model "
-                                               f"takes {input_dim}")
-                continue
-            data = values[begin:end].reshape(last - first, input_dim)
-            if not allow_non_finite and not np.isfinite(data).all():
+                                             f"({sorted(set(row_widths.tolist()))})")
+            elif off_width[row]:
+                reject(row, WRONG_INPUT_WIDTH, f"features has width {row_widths[0]}; the "
+                                               f"model takes {input_dim}")
+            elif non_finite[row]:
                 reject(row, NON_FINITE, "features holds NaN or infinite values")
-                continue
-            if vocabulary is not None and not (
-                    (data == np.floor(data)) & (data >= 0) & (data < vocabulary)).all():
+            else:
                 reject(row, INVALID_TOKEN_ID, "features holds a value that is not a token "
                                               f"id of the model (a whole number in [0, "
                                               f"{vocabulary}))")
-                continue
-            matrices[row] = data
+        for row in range(rows):
+            if problems[row] is None:
+                matrices[row] = values[value_bounds[row]:value_bounds[row + 1]].reshape(
+                    -1, input_dim)
 
     chunks, letters = [], []
     for row in range(rows):

@@ -34,6 +34,15 @@ def test_missing_column_is_named():
         chunks_from_table(table, "f.parquet")
 
 
+def test_a_matrix_with_steps_of_different_widths_is_named_by_row():
+    table = chunks_to_table([Chunk("a", 0, np.ones((2, 3), np.float32))]).set_column(
+        2, "features", pa.array([[[1.0, 2.0], [3.0]]], pa.list_(pa.list_(pa.float32()))))
+    ok = chunks_to_table([Chunk("b", 0, np.ones((1, 1), np.float32))])
+    with pytest.raises(ContractError, match="f.parquet column features: row 1 has inner "
+                                            "lists of different lengths"):
+        chunks_from_table(pa.concat_tables([ok, table.cast(ok.schema)]), "f.parquet")
+
+
 def test_states_round_trip():
     names = ("layer0_h", "layer0_c")
     states = [CarriedState(f"s{i}", i + 1, 10 * i,

@@ -75,3 +75,20 @@ def test_written_chunks_validate_back_to_themselves():
     chunk = Chunk("a", 3, np.arange(6, dtype=np.float32).reshape(3, 2), True)
     (back,), letters = validate(chunks_to_table([chunk]))
     assert not letters and back.digest == chunk.digest
+
+
+def test_good_rows_between_bad_ones_keep_their_own_steps():
+    # Checks run over the whole file at once: each row must see only its own values.
+    good = [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], [[9.0, 10.0]] * 2]
+    table = pa.concat_tables([
+        rows(("a", 0, good[0]), ("a", 1, [[1.0, None]]), ("a", 2, [])),
+        rows(("b", 0, [[1.0], [2.0, 3.0]]), ("b", 1, good[1]), ("b", 2, [[math.nan, 0.0]])),
+        rows(("c", 0, [[1.0, 2.0, 3.0]] * 2), ("c", 1, good[2]))])
+    chunks, letters = validate(table)
+    assert [(c.sequence_id, c.chunk_index, c.row) for c in chunks] == [
+        ("a", 0, 0), ("b", 1, 4), ("c", 1, 7)]
+    for chunk, expected in zip(chunks, good):
+        np.testing.assert_array_equal(chunk.features, expected)
+    assert [d.reason for d in letters] == [v.NULL_VALUES, v.EMPTY_FEATURES,
+                                           v.RAGGED_FEATURES, v.NON_FINITE,
+                                           v.WRONG_INPUT_WIDTH]
