@@ -77,7 +77,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     live = parent.sequences if parent else 0
     # Expiry and --reset-state concern every sequence, so they need a full read.
     compact = bool(parent is None or parent.layers >= config.max_layers or config.reset_state
-                   or config.expire_after_runs or config.expire_after_days)
+                   or config.expire_after_runs or config.expire_after_days
+                   or parent.predates_layers)
     shards = max(1, -(-((live if compact else 0) + input_rows) // ROWS_PER_STATE_FILE))
     buckets = bucket_count(len(storage.distinct_values(chunk_files, "sequence_id")),
                            input_bytes, config.batch_size, live if compact else 0)
@@ -125,15 +126,12 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
             stack.input_dim, config.allow_non_finite, plan.run_id,
             storage.StateStore(config.state).staging_url(plan.run_id), plan.buckets,
             stack.vocabulary)),
-        ("chunks", "dead_letters", LEDGER), "Read")
+        ("chunks", "touched", "dead_letters", LEDGER), "Read")
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
                       + [(PENDING_FILE, r) for r in plan.parent.pending_files]
                       if plan.parent else [])
     # An incremental run reads only the rows of the sequences it has chunks for.
-    touched = () if plan.compact else (beam.pvalue.AsList(
-        chunks["chunks"]
-        | "TouchedIds" >> beam.Map(lambda keyed: keyed[1].sequence_id)
-        | "Touched" >> beam.Distinct()),)
+    touched = () if plan.compact else (beam.pvalue.AsList(chunks["touched"]),)
     snapshot = split(
         pipeline
         | "SnapshotFiles" >> beam.Create(snapshot_files)

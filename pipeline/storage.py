@@ -179,8 +179,9 @@ def local_copy_checkpoint(url: str) -> str:
     return target
 
 
-def _write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or all of it."""
+def _write_bytes(url: str, data: bytes | pa.Buffer, durable: bool = True) -> None:
+    """Write ``data`` so that readers see either nothing or all of it; ``durable``
+    also flushes it to disk before it appears (local files)."""
     fs, path = _fs(url)
     if not isinstance(fs, LocalFileSystem):
         with _storage_errors(url, "write"), fs.open(path, "wb") as handle:
@@ -190,8 +191,9 @@ def _write_bytes(url: str, data: bytes) -> None:
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(temporary, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
@@ -230,7 +232,10 @@ class FileRecord:
 def write_table(url: str, table: pa.Table, layer: int | None = None) -> FileRecord:
     """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    # Dictionaries only for ids: float columns never repeat, and trying costs a third
+    # of the write.
+    pq.write_table(table, buffer, use_dictionary=[
+        field.name for field in table.schema if pa.types.is_string(field.type)])
     data = buffer.getvalue()
     _write_bytes(url, data)
     return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest(), layer)
@@ -275,22 +280,23 @@ def distinct_values(urls: Sequence[str], column: str) -> set:
     return values
 
 
-def write_batches(url: str, batches: Sequence[pa.RecordBatch]) -> None:
-    """Write ``batches`` (one schema) as one Arrow IPC file, so that :func:`read_batch`
-    can read any one of them alone. For transient files: IPC costs nothing to encode
-    or decode."""
-    buffer = io.BytesIO()
-    with pa.ipc.new_file(buffer, batches[0].schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    _write_bytes(url, buffer.getvalue())
+def write_tables(url: str, tables: Sequence[pa.Table]) -> None:
+    """Write ``tables`` (one schema) as one Arrow IPC file, a record batch each, so that
+    :func:`read_table_at` can read any one of them alone. For transient files: IPC
+    costs nothing to encode or decode, and they are not synced to disk (a crash loses
+    the run using them)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, tables[0].schema) as writer:
+        for table in tables:
+            writer.write_batch(table.combine_chunks().to_batches()[0])
+    _write_bytes(url, sink.getvalue(), durable=False)
 
 
-def read_batch(url: str, index: int) -> pa.RecordBatch:
-    """One record batch of an Arrow IPC file written by :func:`write_batches`."""
+def read_table_at(url: str, index: int) -> pa.Table:
+    """Table ``index`` of an Arrow IPC file written by :func:`write_tables`."""
     fs, path = _fs(url)
     with _storage_errors(url, "read"), fs.open(path, "rb") as handle:
-        return pa.ipc.open_file(handle).get_batch(index)
+        return pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(index)])
 
 
 # --- fault points: a testing hook to prove that a run dying anywhere is harmless ----
@@ -362,10 +368,19 @@ class Manifest:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def predates_layers(self) -> bool:
+        """Written before snapshots were layered: its files are layer 0 and its counts
+        may lack the snapshot's totals, so the next run compacts it."""
+        return any(record.layer == 0 for record in self.state_files + self.pending_files)
+
     @classmethod
     def from_json(cls, payload: dict) -> "Manifest":
         files = {f.name for f in dataclasses.fields(cls) if f.name.endswith("_files")}
-        return cls(**{key: (tuple(FileRecord(**r) for r in value) if key in files
+        layered = {"state_files", "pending_files"}
+        return cls(**{key: (tuple(FileRecord(**(r | ({"layer": r.get("layer") or 0}
+                                                    if key in layered else {})))
+                                  for r in value) if key in files
                             else tuple(value) if key == "state_names" else value)
                       for key, value in payload.items()})
 
@@ -380,6 +395,9 @@ class Pointer:
     run_id: str
     manifest_sha256: str
     token: Any = dataclasses.field(compare=False, repr=False)
+
+
+RETIRED = "RETIRED"  # marks a snapshot removed by --keep whose files may still be shared
 
 
 class StateStore:
@@ -464,10 +482,14 @@ class StateStore:
         return exists(self.report_url(run_id)) or any(
             m.run_id == run_id for m in self.history())
 
+    def _retired_url(self, run_id: str) -> str:
+        return join(self.snapshot_url(run_id), RETIRED)
+
     def prepare_run(self, run_id: str, outputs_url: str) -> None:
-        """Make ``run_id`` ready to be written: refuse a committed one, and remove what
-        an earlier, uncommitted attempt with this id left behind."""
-        if exists(self.manifest_url(run_id)) and self._was_committed(run_id):
+        """Make ``run_id`` ready to be written: refuse one that was ever committed (even
+        if ``--keep`` removed its snapshot since: newer snapshots may share its files),
+        and remove what an earlier, uncommitted attempt with this id left behind."""
+        if self._was_committed(run_id) or exists(self._retired_url(run_id)):
             raise StateConflictError(f"run id {run_id} is already committed under "
                                      f"{self.url}; pass a new --run-id")
         remove_tree(self.snapshot_url(run_id))
@@ -507,26 +529,46 @@ class StateStore:
         return manifest
 
     def prune(self, keep: int) -> list[str]:
-        """Delete the committed snapshots older than the ``keep`` newest, except the
-        files that a kept snapshot still lists (layers are shared with descendants);
-        returns the run ids whose snapshots were removed."""
-        history = self.history()
-        kept, removed = history[:max(1, keep)], history[max(1, keep):]
-        in_use = {record.path for manifest in kept
-                  for record in manifest.state_files + manifest.pending_files}
+        """Remove the committed snapshots older than the ``keep`` newest; returns their
+        run ids.
+
+        A removed snapshot is *retired*: a marker is written, then its manifest is
+        deleted (which ends the history there). Then every file of a retired snapshot
+        that no remaining manifest lists is deleted, and a retired snapshot with no
+        files left goes entirely. Layers are shared, so a file stays while any
+        snapshot lists it, one rolled back from included; retired snapshots are looked
+        at on every prune, so files still shared now are deleted by a later one.
+        """
+        removed = self.history()[max(1, keep):]
         for manifest in removed:
-            snapshot = self.snapshot_url(manifest.run_id)
-            if not any(path.startswith(snapshot + "/") for path in in_use):
-                remove_tree(snapshot)
+            write_json(self._retired_url(manifest.run_id), {"run_id": manifest.run_id})
+            remove_file(self.manifest_url(manifest.run_id))
+        fs, root = _fs(join(self.url, "snapshots"))
+        with _storage_errors(self.url, "list the snapshots of"):
+            listed = [self.manifest(os.path.basename(os.path.dirname(path)))
+                      for path in fs.glob(join(root, "*", "manifest.json"))]
+            retired = [os.path.dirname(path) for path in fs.glob(join(root, "*", RETIRED))]
+        in_use = {_file_key(record.path) for manifest in listed
+                  for record in manifest.state_files + manifest.pending_files}
+        for folder in retired:
+            files = [_url(fs, path) for path in fs.glob(join(folder, "*.parquet"))]
+            unused = [url for url in files if _file_key(url) not in in_use]
+            if len(unused) == len(files):
+                remove_tree(_url(fs, folder))
                 continue
-            remove_file(self.manifest_url(manifest.run_id))  # ends the history here
-            for record in manifest.state_files + manifest.pending_files:
-                if record.path.startswith(snapshot + "/") and record.path not in in_use:
-                    remove_file(record.path)
+            for url in unused:
+                remove_file(url)
         return [manifest.run_id for manifest in removed]
 
     def write_report(self, run_id: str, report: dict) -> None:
         write_json(self.report_url(run_id), report)
+
+
+def _file_key(url: str) -> str:
+    """One name per file however its URL is spelled (``state/x``, ``./state/x``, an
+    absolute path, a symlink): manifests keep paths as ``--state`` was typed."""
+    fs, path = _fs(url)
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else _url(fs, path)
 
 
 def newest_layer(versions: Iterable[tuple[int, Any]]) -> tuple[int | None, list[Any]]:

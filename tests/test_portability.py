@@ -1,5 +1,6 @@
 """What Dataflow and Flink need, up to the point of submitting: DoFns survive Beam's
-pickler, and the whole pipeline builds and serializes with their options."""
+pickler and work on their own, and the whole pipeline builds and serializes with
+their options."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,8 +11,10 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 import apache_beam as beam
 from pipeline.build import build, plan_run
 from pipeline.options import RunConfig
-from schemas import Chunk, chunks_to_table
-from transforms.dofns import (PlanAndRunBucket, ReadChunkFile, WriteManifest,
+from schemas import CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_to_table, outputs_to_table
+from transforms.dofns import (COUNTS, DEAD_LETTER_FILE, FINAL_STATE_FILE, OUTPUT_FILE,
+                              PlanAndRunBucket, ReadChunkFile, WriteDeadLetters,
+                              WriteFinalStates, WriteManifest, WriteOutputPart,
                               WriteSnapshotShard)
 
 DATAFLOW = ["--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
@@ -39,14 +42,33 @@ def test_dofns_survive_beams_pickler_and_still_work(plan, workload, tmp_path):
 
     chunk_file = str(tmp_path / "chunks.parquet")
     pq.write_table(chunks_to_table([Chunk("a", 0, np.ones((3, 3), np.float32))]), chunk_file)
-    (kind, (bucket, staged)), ledger = restored[0].process(chunk_file)
-    assert kind == "chunks" and staged.features is None and ledger[0] == "ledger"
+    (kind, (bucket, staged)), touched, ledger = restored[0].process(chunk_file)
+    assert kind == "chunks" and staged[0].startswith(str(tmp_path / "staging"))
+    assert touched == ("touched", ["a"]) and ledger[0] == "ledger"
     runner = restored[1]
     runner.setup()  # loads the model on "the worker"
     runner.start_bundle()
     envelopes = list(runner.process((bucket, {"states": [], "pending": [], "chunks": [staged]})))
     runner.finish_bundle()
     assert {tag for tag, _ in envelopes} == {"outputs", "states", "ledger"}
+
+
+def test_writers_give_the_manifest_their_files_and_time(plan, tmp_path):
+    # What reaches WriteManifest must be files or counts: anything else is dropped.
+    out = str(tmp_path / "out")
+    outputs = outputs_to_table([ChunkOutput("a", 0, np.ones((2, 1), np.float32))])
+    letter = DeadLetter("in.parquet", 0, "a", 0, "non_finite", "NaN", "{}")
+    ended = CarriedState("a", 1, 2, plan.planner.zero_state, plan.stack.fingerprint)
+    written = {
+        OUTPUT_FILE: WriteOutputPart(out, "r1").process(("00000-0000", outputs)),
+        DEAD_LETTER_FILE: WriteDeadLetters(out, "r1").process((0, [letter])),
+        FINAL_STATE_FILE: WriteFinalStates(out, "r1", plan.stack.state_names).process(
+            (0, [(ended, "is_last")])),
+    }
+    for kind, entries in written.items():
+        (file_kind, record), (counts_kind, counts), *more = entries
+        assert (file_kind, counts_kind, record.rows) == (kind, COUNTS, 1)
+        assert "ms_write" in counts and all(entry[0] == COUNTS for entry in more)
 
 
 @pytest.mark.parametrize("options", [DATAFLOW, FLINK], ids=["dataflow", "flink"])

@@ -1,6 +1,7 @@
 """The commit protocol: faults at every stage, concurrent runs, damaged files,
 rollback and retention. Whatever happens, the committed snapshot stays intact and
 rerunning gives a final state bit for bit equal to a run that never failed."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -210,9 +211,45 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
               if r.path.startswith(store.snapshot_url("run-1"))]
     assert shared and not os.path.exists(store.manifest_url("run-1"))
     assert sorted(os.listdir(store.snapshot_url("run-1"))) == sorted(
-        os.path.basename(path) for path in shared)
+        [storage.RETIRED] + [os.path.basename(path) for path in shared])
+    # Its run id stays taken: a rerun would first clear the folder of the shared files.
+    with pytest.raises(storage.StateConflictError, match="run-1 is already committed"):
+        run_job(config(workload, tmp_path, 0, run_id="run-1"), IN_PROCESS)
     store.verify()
     assert final_state(state) == never_failed[0]
+
+
+def test_keep_deletes_retired_files_once_no_snapshot_lists_them(workload, tmp_path,
+                                                                never_failed):
+    store = run_three(workload, tmp_path, keep=1)  # run-1 and run-2 retired, still shared
+    snapshots = os.path.dirname(store.snapshot_url("run-1"))
+    assert sorted(os.listdir(snapshots)) == ["run-1", "run-2", "run-3"]
+    # A compacting run, whose chunks are all duplicates: nothing is shared any more.
+    run_job(config(workload, tmp_path, 2, run_id="run-4", keep=1, max_layers=1), IN_PROCESS)
+    assert os.listdir(snapshots) == ["run-4"]
+    assert final_state(store.url) == never_failed[0]
+
+
+def test_keep_knows_a_shared_file_however_state_is_spelled(workload, tmp_path, never_failed):
+    for run in range(2):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    respelled = config(workload, tmp_path, 2, keep=1)
+    run_job(dataclasses.replace(respelled, state=str(tmp_path / "." / "state")), IN_PROCESS)
+    storage.StateStore(str(tmp_path / "state")).verify()
+    assert final_state(str(tmp_path / "state")) == never_failed[0]
+
+
+def test_keep_spares_the_files_of_a_snapshot_rolled_back_from(workload, tmp_path):
+    for run in range(2):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    store = storage.StateStore(str(tmp_path / "state"))
+    rolled_back_from = final_state(store.url)
+    store.rollback("run-1")
+    run_job(config(workload, tmp_path, 2, keep=1, max_layers=1), IN_PROCESS)  # retires run-1
+    assert not os.path.exists(store.manifest_url("run-1"))
+    store.rollback("run-2")  # run-2 still lists run-1's files: they were kept
+    store.verify()
+    assert final_state(store.url) == rolled_back_from
 
 
 def test_keep_removes_whole_snapshots_once_compacted(workload, tmp_path, never_failed):
@@ -227,7 +264,7 @@ def test_keep_removes_whole_snapshots_once_compacted(workload, tmp_path, never_f
 
 
 def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_path):
-    from schemas import CarriedState, ChunkOutput
+    from schemas import CarriedState, ChunkOutput, outputs_to_table
     from transforms.dofns import WriteOutputPart, WriteSnapshotShard
 
     states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
@@ -235,8 +272,9 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
     writers = [
         (WriteSnapshotShard(str(tmp_path / "state"), "r", 1, 1, ("layer0_h",)),
          lambda order: (0, {"states": order(states), "pending": []})),
+        # Outputs come as one table in a fixed order (PlanAndRunBucket sorts them).
         (WriteOutputPart(str(tmp_path / "out"), "r"),
-         lambda order: ("00000-0000", order(outputs)))]
+         lambda order: ("00000-0000", outputs_to_table(outputs)))]
     def files(entries):  # leaves out the counts, which include time taken
         return [(kind, payload) for kind, payload in entries if kind.endswith("_files")]
 
@@ -258,6 +296,30 @@ def test_a_run_rewrites_only_the_sequences_it_has_chunks_for(workload, tmp_path,
     assert RESUMED not in own and own <= arrived
     assert run_2.layers == 2 and store.committed().layers == 3
     assert run_2.sequences == len(results.snapshot_contents(run_2)[0])
+    assert final_state(store.url) == never_failed[0]
+
+
+def test_a_snapshot_from_before_layers_is_compacted_by_the_next_run(workload, tmp_path,
+                                                                     never_failed):
+    run_job(config(workload, tmp_path, 0), IN_PROCESS)
+    store = storage.StateStore(str(tmp_path / "state"))
+    # Rewrite run-1's manifest as the first versions wrote it: no layers, no totals.
+    legacy = store.manifest("run-1").to_json()
+    for kind in ("state_files", "pending_files"):
+        legacy[kind] = [record | {"layer": None} for record in legacy[kind]]
+    legacy["counts"] = {key: value for key, value in legacy["counts"].items()
+                        if key not in ("sequences_live", "sequences_closed",
+                                       "chunks_pending_total")}
+    storage.write_json(store.manifest_url("run-1"), legacy)
+    store.commit("run-1", store.current())
+    assert store.committed().predates_layers
+    for run in (1, 2):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    manifest = store.committed()
+    states, pending = results.snapshot_contents(manifest)
+    assert (manifest.sequences, manifest.pending_chunks) == (
+        len(states), sum(len(chunks) for chunks in pending.values()))
+    assert store.manifest("run-2").layers == 1 and not manifest.predates_layers
     assert final_state(store.url) == never_failed[0]
 
 

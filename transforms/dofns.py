@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline import storage
-from schemas import (CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_from_table,
+from schemas import (CarriedState, Chunk, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
 from schemas.validation import chunk_dead_letter, validate_chunks
@@ -67,17 +67,19 @@ def _ms_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
 
-def _counts(counts: dict[str, int]) -> tuple[str, tuple[str, dict[str, int]]]:
-    """A ledger envelope of counts for the report, also kept as Beam metrics counters."""
+def _counts(counts: dict[str, int]) -> tuple[str, dict[str, int]]:
+    """A ledger entry of counts for the report, also kept as Beam metrics counters.
+    DoFns with several kinds of output yield it in a ``ledger`` envelope."""
     for name, value in counts.items():
         Metrics.counter(METRICS_NAMESPACE, name).inc(value)
-    return LEDGER, (COUNTS, counts)
+    return COUNTS, counts
 
 
 class ReadChunkFile(beam.DoFn):
-    """An input file's URL -> envelopes: ``chunks`` ``(bucket, Chunk)`` for each valid
-    row (features staged, see :mod:`transforms.staging`), ``dead_letters`` for each
-    invalid one, and counts (``ledger``)."""
+    """An input file's URL -> envelopes: ``chunks`` ``(bucket, StagedBatch)`` where the
+    file's valid rows of each bucket were staged (see :mod:`transforms.staging`),
+    ``touched`` (the sequence ids they belong to), ``dead_letters`` for each invalid
+    row, and counts (``ledger``)."""
 
     def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
                  staging_url: str, buckets: int, vocabulary: int | None = None):
@@ -102,12 +104,13 @@ class ReadChunkFile(beam.DoFn):
                                       "ms_read": _ms_since(started)})
         for keyed in staged:
             yield "chunks", keyed
+        yield "touched", sorted({chunk.sequence_id for chunk in chunks})
         for letter in letters:
             yield "dead_letters", letter
         for letter in letters:
             counts[REJECTED] += 1
             counts[f"{REJECTED}_{letter.reason}"] += 1
-        yield _counts(dict(counts))
+        yield LEDGER, _counts(dict(counts))
 
 
 class ReadSnapshotFile(beam.DoFn):
@@ -115,8 +118,8 @@ class ReadSnapshotFile(beam.DoFn):
     CarriedState))`` from state files, ``pending`` ``(bucket, (layer, Chunk))`` from
     pending files, after checking the file against its manifest record (sha256, rows).
 
-    ``touched`` (a side input: the ids of the sequences this run has chunks for)
-    limits the rows turned into records to those sequences; None reads every row.
+    ``touched`` (a side input: lists of the ids of the sequences this run has chunks
+    for) limits the rows turned into records to those sequences; None reads every row.
     """
 
     def __init__(self, state_names: Sequence[str], buckets: int):
@@ -129,8 +132,8 @@ class ReadSnapshotFile(beam.DoFn):
         table = storage.read_table(record.path, record)
         if touched is not None:
             # Filtered in Arrow: rows of untouched sequences never become Python objects.
-            table = table.filter(pc.is_in(table["sequence_id"],
-                                          value_set=pa.array(touched, pa.string())))
+            ids = pa.array(sorted(set().union(*touched)), pa.string())
+            table = table.filter(pc.is_in(table["sequence_id"], value_set=ids))
         if kind == PENDING_FILE:
             rows = [("pending", chunk) for chunk in
                     chunks_from_table(table, record.path, pending=True)]
@@ -140,7 +143,7 @@ class ReadSnapshotFile(beam.DoFn):
         elapsed = _ms_since(started)
         for tag, row in rows:
             yield tag, (stable_bucket(row.sequence_id, self._buckets), (record.layer, row))
-        yield _counts({"ms_read_snapshot": elapsed})
+        yield LEDGER, _counts({"ms_read_snapshot": elapsed})
 
 
 def plan_sequence(planner: Planner, sequence_id: str, chunks: Sequence[Chunk],
@@ -178,7 +181,7 @@ def plan_sequence(planner: Planner, sequence_id: str, chunks: Sequence[Chunk],
 
 class PlanAndRunBucket(beam.DoFn):
     """``(bucket, {'chunks', 'states', 'pending'})`` -> envelopes: every sequence's new
-    ``states``, ``pending`` chunks, per-batch ``outputs`` ``(part, [ChunkOutput])``,
+    ``states``, ``pending`` chunks, per-batch ``outputs`` ``(part, outputs table)``,
     ``dead_letters``, ``ended`` ``(final state, reason)``, and counts (``ledger``).
 
     Plans each sequence of the bucket (:class:`~transforms.sequencing.Planner`), then
@@ -234,14 +237,16 @@ class PlanAndRunBucket(beam.DoFn):
             result = self._session.run(batch)
             counts["ms_compute"] += _ms_since(started)
             storage.fault_point("mid_compute")
-            yield "outputs", (f"{bucket:05d}-{number:04d}", result.outputs)
+            # A table, not objects: the runner encodes and size-samples it cheaply.
+            yield "outputs", (f"{bucket:05d}-{number:04d}", outputs_to_table(sorted(
+                result.outputs, key=lambda o: (o.sequence_id, o.chunk_index))))
             for state in result.states:
                 yield "states", state
             for state in result.ended:
                 yield "ended", (state, END_IS_LAST)
             counts.update({"sequences_touched": len(batch), "steps_processed": result.steps,
                            "batches": 1})
-        yield _counts(dict(+counts))
+        yield LEDGER, _counts(dict(+counts))
 
     def finish_bundle(self):
         self._session.close()
@@ -267,13 +272,12 @@ class _WriteRunFile(beam.DoFn):
 
 
 class WriteOutputPart(_WriteRunFile):
-    """``(part, [ChunkOutput])`` -> one Parquet file; emits its ledger entry."""
+    """``(part, outputs table)`` -> one Parquet file; emits its ledger entries."""
 
-    def process(self, element: tuple[str, Sequence[ChunkOutput]]):
+    def process(self, element: tuple[str, pa.Table]):
         started = time.perf_counter()
         part, outputs = element
-        ordered = sorted(outputs, key=lambda o: (o.sequence_id, o.chunk_index))
-        yield from self._write(OUTPUT_FILE, part, outputs_to_table(ordered), started)
+        yield from self._write(OUTPUT_FILE, part, outputs, started)
 
 
 class WriteSnapshotShard(beam.DoFn):
@@ -303,8 +307,8 @@ class WriteSnapshotShard(beam.DoFn):
             url = self._store.snapshot_file_url(self._run_id, "pending", shard, self._shards)
             yield PENDING_FILE, storage.write_table(
                 url, chunks_to_table(pending, pending=True), self._layer)
-        yield COUNTS, {"written_live": len(states) - closed, "written_closed": closed,
-                       "written_pending": len(pending), "ms_write": _ms_since(started)}
+        yield _counts({"written_live": len(states) - closed, "written_closed": closed,
+                       "written_pending": len(pending), "ms_write": _ms_since(started)})
 
 
 class WriteDeadLetters(_WriteRunFile):
@@ -338,8 +342,8 @@ class WriteFinalStates(_WriteRunFile):
         table = states_to_table([state for state, _ in ordered], self._state_names,
                                 end_reasons=[reason for _, reason in ordered])
         yield from self._write(FINAL_STATE_FILE, f"{shard:05d}", table, started)
-        yield COUNTS, dict(collections.Counter(f"sequences_ended_{reason}"
-                                               for _, reason in ordered))
+        yield _counts(dict(collections.Counter(f"sequences_ended_{reason}"
+                                               for _, reason in ordered)))
 
 
 class WriteManifest(beam.DoFn):
@@ -374,12 +378,13 @@ class WriteManifest(beam.DoFn):
             else:
                 files[kind].append(payload)
         # The snapshot's totals: the parent's, with every sequence this run read
-        # replaced by what it wrote.
-        before = self._parent.counts if self._parent else {}
+        # replaced by what it wrote; a compacting run wrote every sequence.
+        before = self._parent.counts if self._parent and self._inherit else {}
         for total, part in (("sequences_live", "live"), ("sequences_closed", "closed"),
                             ("chunks_pending_total", "pending")):
-            counts[total] = (before.get(total, 0) - counts[f"previous_{part}"]
-                             + counts[f"written_{part}"])
+            written = counts[f"written_{part}"]
+            counts[total] = (before[total] - counts[f"previous_{part}"] + written
+                             if total in before else written)
         manifest = storage.Manifest(
             run_id=self._run_id, run_number=self._run_number,
             parent=self._parent.run_id if self._parent else None,
@@ -400,7 +405,7 @@ class ApplyChunks(beam.PTransform):
     Input: ``{'chunks', 'states', 'pending'}``, each keyed by bucket
     (:func:`~transforms.sequencing.stable_bucket` of the sequence id).
     Output: ``{'states': the new CarriedState of every sequence read or touched,
-    'pending': Chunks still deferred, 'outputs': (part, [ChunkOutput]),
+    'pending': Chunks still deferred, 'outputs': (part, outputs table),
     'dead_letters', 'ended': (CarriedState, end_reason), 'ledger'}``.
     """
 
