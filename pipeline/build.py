@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Sequence
 
@@ -57,6 +58,10 @@ def plan_run(config: RunConfig) -> RunPlan:
     """Check the inputs and decide everything the pipeline needs to be built."""
     if min(config.batch_size, config.window_steps, config.max_layers) < 1:
         raise InputError("--batch-size, --window-steps and --max-layers must be at least 1")
+    if (config.expire_after_runs is not None and config.expire_after_runs < 1
+            or config.expire_after_days is not None and config.expire_after_days <= 0):
+        raise InputError("--expire-after-runs must be at least 1 and --expire-after-days "
+                         "more than 0")
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")
     stack = load_model(config.model, config.model_options())
@@ -87,7 +92,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         started_at=int(time.time()), zero_state=stack.zero_state(),
         model_fingerprint=stack.fingerprint, reset_state=config.reset_state,
         expire_after_runs=config.expire_after_runs,
-        expire_after_seconds=(int(config.expire_after_days * 86400)
+        expire_after_seconds=(math.ceil(config.expire_after_days * 86400)
                               if config.expire_after_days else None))
     store.prepare_run(run_id, config.outputs)
     _LOG.info("event=planned run_id=%s parent=%s files=%d chunks=%d sequences=%d "

@@ -152,6 +152,9 @@ def test_reused_run_id_and_empty_input_are_refused_a_bad_file_is_dead_lettered(w
     with pytest.raises(InputError, match="no Parquet files match"):
         run_job(RunConfig(workload[0], str(tmp_path / "none" / "*.parquet"), state, outputs),
                 IN_PROCESS)
+    for expiry in ({"expire_after_runs": 0}, {"expire_after_days": -1.0}):
+        with pytest.raises(InputError, match="--expire-after-runs must be at least 1"):
+            run_job(RunConfig(workload[0], chunks, state, outputs, **expiry), IN_PROCESS)
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.table({"sequence_id": ["a"]}), str(bad / "x.parquet"))
