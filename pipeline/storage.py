@@ -323,6 +323,9 @@ def fault_point(stage: str) -> None:
 
 # --- snapshots, manifests and the commit pointer -----------------------------------
 
+SNAPSHOT_FILE_KINDS = ("state_files", "pending_files")  # a snapshot's own data files
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     """What a snapshot holds; written before ``CURRENT`` is moved to it.
@@ -376,13 +379,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, payload: dict) -> "Manifest":
-        files = {f.name for f in dataclasses.fields(cls) if f.name.endswith("_files")}
-        layered = {"state_files", "pending_files"}
-        return cls(**{key: (tuple(FileRecord(**(r | ({"layer": r.get("layer") or 0}
-                                                    if key in layered else {})))
-                                  for r in value) if key in files
-                            else tuple(value) if key == "state_names" else value)
-                      for key, value in payload.items()})
+        fields = dict(payload, state_names=tuple(payload["state_names"]))
+        for field in dataclasses.fields(cls):
+            if field.name.endswith("_files"):
+                fields[field.name] = tuple(FileRecord(**record)
+                                           for record in payload[field.name])
+        for kind in SNAPSHOT_FILE_KINDS:  # files written before layers existed: layer 0
+            fields[kind] = tuple(dataclasses.replace(record, layer=record.layer or 0)
+                                 for record in fields[kind])
+        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,6 +403,9 @@ class Pointer:
 
 
 RETIRED = "RETIRED"  # marks a snapshot removed by --keep whose files may still be shared
+# A manifest's "layout": its snapshot files are named relative to the state root.
+# Manifests without one (written before) name them as --state was typed then.
+RELATIVE_LAYOUT = "relative-to-state"
 
 
 class StateStore:
@@ -441,7 +449,12 @@ class StateStore:
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"{url} is damaged: its sha256 does not match the one "
                                  f"recorded in {self._current_url}")
-        return Manifest.from_json(_parse_json(url, data))
+        payload = _parse_json(url, data)
+        if payload.pop("layout", None) == RELATIVE_LAYOUT:
+            for kind in SNAPSHOT_FILE_KINDS:
+                payload[kind] = [record | {"path": self._resolve(record["path"])}
+                                 for record in payload[kind]]
+        return Manifest.from_json(payload)
 
     def committed(self) -> Manifest | None:
         """The manifest CURRENT names, checked, or None before the first commit."""
@@ -473,8 +486,25 @@ class StateStore:
 
     # -- writing --
     def write_manifest(self, manifest: Manifest) -> None:
-        """Write the (uncommitted) manifest."""
-        write_json(self.manifest_url(manifest.run_id), manifest.to_json())
+        """Write the (uncommitted) manifest. Snapshot files below the state root are
+        named relative to it, so a state directory can be copied or moved whole (and
+        ``--state`` spelled any way) and still read its own files."""
+        payload = manifest.to_json() | {"layout": RELATIVE_LAYOUT}
+        for kind in SNAPSHOT_FILE_KINDS:
+            payload[kind] = [record | {"path": self._name(record["path"])}
+                             for record in payload[kind]]
+        write_json(self.manifest_url(manifest.run_id), payload)
+
+    def _name(self, url: str) -> str:
+        """How a manifest names a snapshot file: relative to the state root when it is
+        below it (however either is spelled), else its full URL or absolute path."""
+        key, root = _file_key(url), _file_key(self.url) + "/"
+        return key[len(root):] if key.startswith(root) else key
+
+    def _resolve(self, path: str) -> str:
+        """A snapshot file's URL from its name in a manifest (relative to the state
+        root, or a full URL or absolute path for files elsewhere)."""
+        return path if "://" in path or os.path.isabs(path) else join(self.url, path)
 
     def _was_committed(self, run_id: str) -> bool:
         """Whether ``run_id``'s snapshot was committed at some point (it has a report,

@@ -3,6 +3,7 @@ rollback and retention. Whatever happens, the committed snapshot stays intact an
 rerunning gives a final state bit for bit equal to a run that never failed."""
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -237,6 +238,19 @@ def test_keep_knows_a_shared_file_however_state_is_spelled(workload, tmp_path, n
     run_job(dataclasses.replace(respelled, state=str(tmp_path / "." / "state")), IN_PROCESS)
     storage.StateStore(str(tmp_path / "state")).verify()
     assert final_state(str(tmp_path / "state")) == never_failed[0]
+
+
+def test_a_state_directory_moved_whole_still_reads_its_layers(workload, tmp_path,
+                                                               never_failed):
+    for run in range(2):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    moved = str(tmp_path / "moved" / "state")
+    shutil.move(str(tmp_path / "state"), moved)  # nothing is left where it was
+    run_job(dataclasses.replace(config(workload, tmp_path, 2), state=moved), IN_PROCESS)
+    manifest = storage.StateStore(moved).verify()
+    assert manifest.layers == 3 and all(record.path.startswith(moved + "/")
+                                        for record in manifest.state_files)
+    assert final_state(moved) == never_failed[0]
 
 
 def test_keep_spares_the_files_of_a_snapshot_rolled_back_from(workload, tmp_path):
