@@ -596,7 +596,8 @@ class StateStore:
 
 def _file_key(url: str) -> str:
     """One name per file however its URL is spelled (``state/x``, ``./state/x``, an
-    absolute path, a symlink): manifests keep paths as ``--state`` was typed."""
+    absolute path, a symlink): manifests written before the relative layout keep
+    paths as ``--state`` was typed then."""
     fs, path = _fs(url)
     return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else _url(fs, path)
 
