@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transforms.model import (STEP_SIGNATURE, EmbeddingLayer, MaskingLayer, ModelError,
+from transforms.model import (STEP_SIGNATURE, EmbeddingLayer, ModelError, masks_inputs,
                               stack_from_keras)
 from transforms.reference import keras_with_state
 
@@ -30,8 +30,7 @@ def export_step_savedmodel(keras_model_or_path: Any, export_dir: str) -> str:
              if isinstance(keras_model_or_path, str) else keras_model_or_path)
     stack = stack_from_keras(model, f"keras:{keras_model_or_path}"
                              if isinstance(keras_model_or_path, str) else "keras model")
-    if isinstance(stack.input_layer, MaskingLayer) or (
-            isinstance(stack.input_layer, EmbeddingLayer) and stack.input_layer.mask_zero):
+    if masks_inputs(stack.input_layer):
         raise ModelError(f"{stack.source}: a model with an input mask cannot be exported "
                          "as one step; run the .keras file itself")
     with_state = keras_with_state(model)

@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from transforms.model import (ACTIVATIONS, EmbeddingLayer, GRULayer, LSTMLayer,
-                              MaskingLayer, RecurrentStack, StepFunctionLayer)
+                              MaskingLayer, RecurrentStack, StepFunctionLayer, masks_inputs)
 
 _LOG = logging.getLogger("seqcarry")
 
@@ -244,11 +244,6 @@ def _input_stage(layer: EmbeddingLayer | MaskingLayer | None, weights: Sequence[
     return inputs, mask
 
 
-def _masks_inputs(layer: EmbeddingLayer | MaskingLayer | None) -> bool:
-    """Whether the input layer masks steps in the middle of a sequence."""
-    return isinstance(layer, MaskingLayer) or bool(getattr(layer, "mask_zero", False))
-
-
 def xla_enabled_by_default() -> bool:
     """XLA unless the ``SEQCARRY_XLA`` environment variable turns it off."""
     return os.environ.get(XLA_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -310,7 +305,7 @@ class StepKernel:
                                (stack.input_layer.weights() if stack.input_layer else ())]
         # The fused loop masks only where rows end; input masks need the layer path.
         self._fused = (all(layer.kind in _CELL_MATH for layer in stack.recurrent)
-                       and not _masks_inputs(stack.input_layer))
+                       and not masks_inputs(stack.input_layer))
         self._window = self._build(self.xla)
 
     @property

@@ -496,7 +496,7 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
             if not config["return_sequences"] or config["go_backwards"]:
                 raise ModelError(f"{source}: {kind} layer {layer.name!r} must have "
                                  "return_sequences=True and go_backwards=False")
-            if config.get("zero_output_for_mask") and _masks(input_layer):
+            if config.get("zero_output_for_mask") and masks_inputs(input_layer):
                 raise ModelError(f"{source}: {kind} layer {layer.name!r} has "
                                  "zero_output_for_mask=True; with a mask only the Keras "
                                  "default (repeat the previous output) is supported")
@@ -518,7 +518,9 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
                           input_layer=input_layer)
 
 
-def _masks(input_layer: EmbeddingLayer | MaskingLayer | None) -> bool:
+def masks_inputs(input_layer: EmbeddingLayer | MaskingLayer | None) -> bool:
+    """Whether the input layer masks steps in the middle of a sequence (``Masking``,
+    ``Embedding(mask_zero=True)``)."""
     return isinstance(input_layer, MaskingLayer) or bool(
         isinstance(input_layer, EmbeddingLayer) and input_layer.mask_zero)
 
