@@ -13,14 +13,16 @@ setup(
         "carrying each sequence's recurrent state across bundles, workers and runs."
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "transforms",
-                                    "transforms.*", "schemas", "schemas.*"]),
+    packages=find_packages(include=["pipeline", "pipeline.*", "storage", "storage.*",
+                                    "transforms", "transforms.*", "schemas", "schemas.*"]),
     install_requires=[
         "apache-beam>=2.60,<3",
         "pyarrow>=14,<26",  # Beam caps pyarrow below 26
         "numpy>=1.24",
         "fsspec>=2024.2",
         "gcsfs>=2024.2",  # gs:// for --chunks, --state, --outputs and --model
+        # the compare-and-swap of gs://.../CURRENT (an object generation precondition)
+        "google-cloud-storage>=2.14,<4",
         "keras>=3.0",
         "matplotlib>=3.7",  # seqcarry report --html
     ],

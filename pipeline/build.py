@@ -1,12 +1,15 @@
-"""One seqcarry run: plan it, build the Beam pipeline, run it, commit, report.
+"""One seqcarry run: plan it, build the Beam pipeline, run it, report.
 
-``run(argv)`` is the entry point (as in Beam's wordcount): seqcarry's own options
-are parsed here, and every other ``--flag`` goes to Beam's ``PipelineOptions``.
+The job commits itself (its last step, :mod:`transforms.commit`); the launcher plans,
+submits, waits and prints the report the job wrote. ``run(argv)`` is the entry point
+(as in Beam's wordcount): seqcarry's own options are parsed here, and every other
+``--flag`` goes to Beam's ``PipelineOptions``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import math
 import time
@@ -16,16 +19,17 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import storage
+import storage
 from pipeline.options import InputError, RunConfig, add_run_arguments, checked_run_id
+from schemas.manifest import new_attempt_id
+from transforms.commit import CommitRun, CommitTarget
 from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
                               ApplyChunks, ReadChunkFile, ReadSnapshotFile, WriteDeadLetters,
                               WriteFinalStates, WriteManifest, WriteOutputPart,
                               WriteSnapshotShard, split)
 from transforms.model import ModelError, RecurrentStack, load_model
 from transforms.session import METRICS_NAMESPACE
-from transforms.sequencing import (DEFERRED, PROCESSED, REJECTED, SKIPPED, Planner,
-                                   stable_bucket)
+from transforms.sequencing import Planner, stable_bucket
 
 _LOG = logging.getLogger("seqcarry")
 ROWS_PER_STATE_FILE = 100_000
@@ -34,8 +38,6 @@ BUCKET_BYTES = 256 * 2**20
 STATES_PER_BUCKET = 200_000
 RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
                   "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
-# Where every chunk read ends up: exactly one of these.
-CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,8 @@ class RunPlan:
     """A run's inputs, fixed before the pipeline is built."""
     config: RunConfig
     run_id: str
-    parent_pointer: storage.Pointer | None  # CURRENT as read: the commit swaps from it
+    attempt: str  # this submission of the run: every file it writes is below its own
+    parent_pointer: storage.CommitRecord | None  # CURRENT as read: the commit swaps from it
     parent: storage.Manifest | None
     stack: RecurrentStack
     chunk_files: tuple[str, ...]
@@ -52,6 +55,12 @@ class RunPlan:
     planner: Planner
     compact: bool  # read and rewrite every sequence, not only the touched ones
     buckets: int  # units of work: sequences joined, planned and run together
+    planned_at: float  # time.time() at planning
+
+    def commit_target(self) -> CommitTarget:
+        return CommitTarget(self.config.state, self.config.outputs, self.run_id,
+                            self.attempt, self.parent_pointer, self.planned_at,
+                            self.config.keep, self.config.orphan_grace_hours * 3600)
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -62,13 +71,18 @@ def plan_run(config: RunConfig) -> RunPlan:
             or config.expire_after_days is not None and config.expire_after_days <= 0):
         raise InputError("--expire-after-runs must be at least 1 and --expire-after-days "
                          "more than 0")
+    if config.keep is not None and config.keep < 1:
+        raise InputError(f"--keep {config.keep}: keep at least 1 snapshot (the current one)")
+    if not 0 < config.orphan_grace_hours < math.inf:
+        raise InputError("--orphan-grace-hours must be a number of hours above 0")
+    storage.check_state_location(config.state)
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")
     stack = load_model(config.model, config.model_options())
     store = storage.StateStore(config.state)
     run_id = checked_run_id(config.run_id)
     pointer = store.current()
-    parent = store.manifest(pointer.run_id, pointer.manifest_sha256) if pointer else None
+    parent = store.manifest_of(pointer) if pointer else None
     if parent and parent.model_fingerprint != stack.fingerprint and not config.reset_state:
         raise ModelError(
             f"the state in {config.state} was written by model {parent.model_fingerprint}, "
@@ -94,14 +108,15 @@ def plan_run(config: RunConfig) -> RunPlan:
         expire_after_runs=config.expire_after_runs,
         expire_after_seconds=(math.ceil(config.expire_after_days * 86400)
                               if config.expire_after_days else None))
-    store.prepare_run(run_id, config.outputs)
-    _LOG.info("event=planned run_id=%s parent=%s files=%d chunks=%d sequences=%d "
-              "pending=%d layers=%d compact=%s buckets=%d", run_id,
+    store.check_run_id_free(run_id)
+    attempt = new_attempt_id()
+    _LOG.info("event=planned run_id=%s attempt=%s parent=%s files=%d chunks=%d "
+              "sequences=%d pending=%d layers=%d compact=%s buckets=%d", run_id, attempt,
               parent.run_id if parent else None, len(chunk_files), input_rows, live,
               parent.pending_chunks if parent else 0, parent.layers if parent else 0,
               compact, buckets)
-    return RunPlan(config, run_id, pointer, parent, stack, tuple(chunk_files), input_rows,
-                   shards, planner, compact, buckets)
+    return RunPlan(config, run_id, attempt, pointer, parent, stack, tuple(chunk_files),
+                   input_rows, shards, planner, compact, buckets, time.time())
 
 
 def bucket_count(sequences: int, input_bytes: int, batch_size: int,
@@ -121,15 +136,15 @@ def bucket_count(sequences: int, input_bytes: int, batch_size: int,
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
-    """Add one run's transforms to ``pipeline``; it ends by writing the run's manifest."""
-    config, stack = plan.config, plan.stack
+    """Add one run's transforms to ``pipeline``; it ends by committing the run."""
+    config, stack, attempt = plan.config, plan.stack, plan.attempt
     chunks = split(
         pipeline
         | "ChunkFiles" >> beam.Create(plan.chunk_files)
         | "SpreadChunkFiles" >> beam.Reshuffle()
         | "ReadChunks" >> beam.ParDo(ReadChunkFile(
             stack.input_dim, config.allow_non_finite, plan.run_id,
-            storage.StateStore(config.state).staging_url(plan.run_id), plan.buckets,
+            storage.StateStore(config.state).staging_url(plan.run_id, attempt), plan.buckets,
             stack.vocabulary)),
         ("chunks", "touched", "dead_letters", LEDGER), "Read")
     snapshot_files = ([(STATE_FILE, r) for r in plan.parent.state_files]
@@ -157,25 +172,26 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
          "pending": applied["pending"] | "ShardPending" >> beam.Map(_shard_of, shards)}
         | "GroupSnapshotShards" >> beam.CoGroupByKey()
         | "WriteSnapshot" >> beam.ParDo(WriteSnapshotShard(
-            config.state, plan.run_id, plan.planner.run_number, shards, stack.state_names)))
+            config.state, plan.run_id, attempt, plan.planner.run_number, shards,
+            stack.state_names)))
     outputs_written = applied["outputs"] | "WriteOutputs" >> beam.ParDo(
-        WriteOutputPart(config.outputs, plan.run_id))
+        WriteOutputPart(config.outputs, plan.run_id, attempt))
     dead_letters_written = (
         (chunks["dead_letters"], applied["dead_letters"])
         | "AllDeadLetters" >> beam.Flatten()
         | "ShardDeadLetters" >> beam.Map(lambda d: (stable_bucket(
             f"{d.source}:{d.sequence_id}", SMALL_OUTPUT_SHARDS), d))
         | "GroupDeadLetters" >> beam.GroupByKey()
-        | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(config.outputs, plan.run_id)))
+        | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(config.outputs, plan.run_id, attempt)))
     final_states_written = (
         applied["ended"]
         | "ShardEnded" >> beam.Map(lambda pair: (stable_bucket(
             pair[0].sequence_id, SMALL_OUTPUT_SHARDS), pair))
         | "GroupEnded" >> beam.GroupByKey()
         | "WriteFinalStates" >> beam.ParDo(WriteFinalStates(
-            config.outputs, plan.run_id, stack.state_names)))
-    # The manifest is the last transform and depends on every write through the
-    # ledger: Beam's DaskRunner computes only the graph behind the last transform.
+            config.outputs, plan.run_id, attempt, stack.state_names)))
+    # The manifest depends on every write through the ledger, and the commit is the
+    # last transform: Beam's DaskRunner computes only the graph behind the last one.
     _ = (
         (chunks[LEDGER], applied["ledger"], snapshot_written, outputs_written,
          dead_letters_written, final_states_written)
@@ -183,8 +199,11 @@ def build(pipeline: beam.Pipeline, plan: RunPlan) -> None:
         | "OneKey" >> beam.Map(lambda entry: (None, entry))
         | "GatherLedger" >> beam.GroupByKey()
         | "WriteManifest" >> beam.ParDo(WriteManifest(
-            config.state, plan.run_id, plan.planner.run_number, plan.parent,
-            not plan.compact, stack.fingerprint, stack.state_names)))
+            config.state, plan.run_id, attempt, plan.planner.run_number,
+            datetime.datetime.fromtimestamp(plan.planned_at, datetime.timezone.utc)
+            .isoformat(), plan.parent, not plan.compact, stack.fingerprint,
+            stack.state_names))
+        | "Commit" >> beam.ParDo(CommitRun(plan.commit_target())))
 
 
 def _shard_of(item, shards: int):
@@ -192,11 +211,11 @@ def _shard_of(item, shards: int):
 
 
 def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Run once: read, compute, write, commit. Returns the run report."""
-    started = time.perf_counter()
+    """Run once: plan, then run the job, which reads, computes, writes and commits.
+    Returns the run report the job wrote (with Beam's metrics, where the runner has
+    them); with ``--no-wait``, what was submitted and where its report will be."""
     plan = plan_run(config)
-    manifest, metrics = execute(plan, beam_args)
-    return commit(plan, manifest, metrics, time.perf_counter() - started)
+    return execute(plan, beam_args)
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
@@ -214,24 +233,54 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
-def execute(plan: RunPlan,
-            beam_args: Sequence[str] = ()) -> tuple[storage.Manifest, dict[str, Any]]:
-    """Run the pipeline; returns the manifest it wrote (not yet committed) and the
-    Beam metrics of the run, where the runner reports them."""
+def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
+    """Submit the job; unless ``--no-wait``, wait for it and return its report."""
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build(pipeline, plan)
     store = storage.StateStore(plan.config.state)
+    result = None
     try:
-        result = pipeline.run()
-        try:
-            result.wait_until_finish()
-        finally:
-            client = getattr(result, "client", None)  # the DaskRunner leaves it open
-            if client is not None:
-                client.close()
+        result = pipeline.run()  # the in-process runner runs the whole job here
+        if plan.config.no_wait:
+            return {"run_id": plan.run_id, "attempt": plan.attempt, "submitted": True,
+                    "report": store.report_url(plan.run_id, plan.attempt)}
+        result.wait_until_finish()
+    except Exception as error:
+        outcome = outcome_of_failure(plan, store, error)
+        if outcome is None:
+            raise
+        raise outcome from error
     finally:
-        storage.remove_tree(store.staging_url(plan.run_id))
-    return store.manifest(plan.run_id), beam_metrics(result)
+        client = getattr(result, "client", None)  # the DaskRunner leaves it open
+        if client is not None:
+            client.close()
+        if not plan.config.no_wait:
+            storage.remove_tree(store.staging_url(plan.run_id, plan.attempt))
+    return store.report(plan.run_id, plan.attempt) | {"metrics": beam_metrics(result)}
+
+
+def outcome_of_failure(plan: RunPlan, store: storage.StateStore,
+                       error: Exception) -> Exception | None:
+    """What a failed job means for the state, told truly from CURRENT: committed
+    anyway (it failed after its swap), moved by another run or attempt (a conflict),
+    or unchanged (None: the job's own error stands)."""
+    try:
+        now = store.current()
+    except storage.StorageError as error:
+        return error
+    where = now.snapshot if now else None
+    if where == (plan.run_id, plan.attempt):
+        return storage.StorageError(
+            f"run {plan.run_id} attempt {plan.attempt} was committed (the state is this "
+            f"run's), but its job failed after the commit: {str(error).splitlines()[-1]}")
+    if where != (plan.parent_pointer.snapshot if plan.parent_pointer else None):
+        moved = f"{now.run_id} (attempt {now.attempt})" if now else "empty"
+        parent = plan.parent_pointer.run_id if plan.parent_pointer else "empty"
+        return storage.StateConflictError(
+            f"state moved from {parent} to {moved} while run {plan.run_id} attempt "
+            f"{plan.attempt} was running; this attempt was not committed, and the "
+            f"committed state is {moved}'s")
+    return None
 
 
 def beam_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:
@@ -253,69 +302,6 @@ def beam_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:
                 "count": value.count, "mean": round(value.mean, 3), "min": value.min,
                 "max": value.max}
     return metrics
-
-
-def commit(plan: RunPlan, manifest: storage.Manifest, metrics: dict[str, Any],
-           seconds: float) -> dict:
-    """Check the run's accounts, move CURRENT to its snapshot, write its report."""
-    store = storage.StateStore(plan.config.state)
-    counts = manifest.counts
-    accounted = sum(counts.get(category, 0) for category in CATEGORIES)
-    if counts.get("chunks_read", 0) != accounted:
-        raise storage.StorageError(
-            f"run {plan.run_id} read {counts.get('chunks_read', 0)} chunks but accounted for "
-            f"{accounted} ({', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); "
-            "nothing was committed")
-    storage.fault_point("before_commit")
-    started = time.perf_counter()
-    store.commit(plan.run_id, plan.parent_pointer)
-    storage.fault_point("after_commit")
-    report = make_report(manifest, plan.config, seconds) | {"metrics": metrics}
-    report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
-    store.write_report(plan.run_id, report)
-    _LOG.info("event=committed run_id=%s chunks_processed=%d steps=%d seconds=%.2f",
-              plan.run_id, report["chunks_processed"], report["steps_processed"], seconds)
-    if plan.config.keep:
-        report["snapshots_removed"] = store.prune(plan.config.keep)
-    return report
-
-
-def make_report(manifest: storage.Manifest, config: RunConfig, seconds: float) -> dict:
-    """The run report: counts from the manifest, plus wall time and throughput.
-
-    Every chunk read is in exactly one of :data:`CATEGORIES`.
-    """
-    counts = manifest.counts
-
-    def by_prefix(prefix: str) -> dict[str, int]:
-        return {key.removeprefix(prefix): value for key, value in sorted(counts.items())
-                if key.startswith(prefix)}
-
-    steps = counts.get("steps_processed", 0)
-    return {
-        "run_id": manifest.run_id,
-        "parent": manifest.parent,
-        "chunks_read": counts.get("chunks_read", 0),
-        **{category: counts.get(category, 0) for category in CATEGORIES},
-        "chunks_rejected_by_reason": by_prefix(f"{REJECTED}_"),
-        "chunks_pending_total": manifest.pending_chunks,
-        "pending_applied": counts.get("pending_applied", 0),
-        "pending_rejected": counts.get("pending_rejected", 0),
-        "sequences_touched": counts.get("sequences_touched", 0),
-        "sequences_live": counts.get("sequences_live", 0),
-        "sequences_ended": by_prefix("sequences_ended_"),
-        "steps_processed": steps,
-        "seconds": round(seconds, 3),
-        "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,
-        # Time in each stage, summed over workers; the rest of the wall time is
-        # Beam's: start-up, and moving records between stages (the join).
-        "stage_seconds": {stage: round(ms / 1000, 3)
-                          for stage, ms in by_prefix("ms_").items()},
-        "outputs": storage.join(config.outputs, manifest.run_id),
-        "dead_letters": [r.path for r in manifest.dead_letter_files],
-        "final_states": [r.path for r in manifest.final_state_files],
-        "snapshot": storage.StateStore(config.state).snapshot_url(manifest.run_id),
-    }
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

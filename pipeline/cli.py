@@ -9,9 +9,9 @@ import sys
 import traceback
 from typing import Sequence
 
-from pipeline import storage
+import storage
 from pipeline.options import (InputError, RunConfig, add_model_arguments, add_model_options,
-                              add_run_arguments, model_options)
+                              add_orphan_grace_argument, add_run_arguments, model_options)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
 
@@ -78,9 +78,24 @@ def _parser() -> argparse.ArgumentParser:
         "rollback", "make an earlier committed snapshot the current one",
         "Point CURRENT back at an earlier committed snapshot (after verifying it). Later "
         "runs continue from there; the snapshots rolled back stay on disk until --keep "
-        "removes them.", "seqcarry rollback --state state/ --to 2026-11-24")
+        "removes them. This is also how a missing or damaged CURRENT is repaired.",
+        "seqcarry rollback --state state/ --to 2026-11-24")
     rollback.add_argument("--to", required=True, dest="to", metavar="RUN_ID",
                           help="run id of the snapshot to go back to")
+
+    gc = command(
+        "gc", "remove old snapshots and the files of attempts that never committed",
+        "Retention without a run: keep the snapshots of the N most recent commits "
+        "(--keep), remove the others' files once no kept snapshot shares them, and the "
+        "files of attempts that never committed once older than the grace period "
+        "(snapshot, staging and, with --outputs, output folders). Safe to repeat; a gc "
+        "that was killed is finished by the next one.",
+        "seqcarry gc --state state/ --outputs outputs/ --keep 7")
+    gc.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="snapshots to keep (N >= 1; the current one is always kept)")
+    gc.add_argument("--outputs", default=None,
+                    help="the runs' --outputs, to remove outputs of uncommitted attempts")
+    add_orphan_grace_argument(gc)
 
     inspect = command(
         "inspect", "show one sequence: its carried state, pending chunks, runs",
@@ -184,9 +199,10 @@ def _snapshots_table(store: storage.StateStore) -> str:
     history = store.history()
     if not history:
         return f"{store.url} has no committed snapshot"
-    rows = [("", "run_id", "created_at", "sequences", "parent", "chunks_processed")]
-    rows += [("*" if number == 0 else "", m.run_id, m.created_at, str(m.sequences),
-              m.parent or "-", str(m.counts.get("chunks_processed", 0)))
+    rows = [("", "run_id", "attempt", "created_at", "sequences", "parent",
+             "chunks_processed")]
+    rows += [("*" if number == 0 else "", m.run_id, m.attempt or "-", m.created_at,
+              str(m.sequences), m.parent or "-", str(m.counts.get("chunks_processed", 0)))
              for number, m in enumerate(history)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -203,7 +219,8 @@ def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
 
     codes = ((storage.StateConflictError, EXIT_STATE_CONFLICT),
              (storage.StorageError, EXIT_STORAGE),
-             ((InputError, ContractError, ModelError), EXIT_BAD_INPUT))
+             ((InputError, ContractError, ModelError, storage.UnsupportedLocation),
+              EXIT_BAD_INPUT))
     while error is not None:
         for kinds, code in codes:
             if isinstance(error, kinds):
@@ -238,9 +255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{manifest.sequences} sequences, checksums and row counts match")
         elif arguments.command == "rollback":
             store = storage.StateStore(arguments.state)
-            before = store.current()
+            try:
+                before = store.current().run_id
+            except storage.IntegrityError:
+                before = "a missing or damaged CURRENT"
             store.rollback(arguments.to)
-            print(f"CURRENT moved from {before.run_id} to {arguments.to}")
+            print(f"CURRENT moved from {before} to {arguments.to}")
+        elif arguments.command == "gc":
+            if arguments.keep < 1 or not 0 < arguments.orphan_grace_hours < float("inf"):
+                raise InputError("--keep must be at least 1 and --orphan-grace-hours a "
+                                 "number of hours above 0")
+            retired = storage.StateStore(arguments.state).prune(
+                arguments.keep, arguments.outputs, arguments.orphan_grace_hours * 3600)
+            print(f"retired {len(retired)} snapshot(s): {', '.join(retired) or '-'}")
         elif arguments.command == "inspect":
             from pipeline.results import sequence_details
 

@@ -18,9 +18,10 @@ import zipfile
 
 import numpy as np
 
-from pipeline import storage
+import storage
 from pipeline.options import InputError, checked_run_id
 from schemas import CarriedState, states_to_table
+from schemas.manifest import new_attempt_id
 from transforms.model import ModelOptions, load_model
 
 _OPTIONAL = ("next_chunk_index", "steps_seen")
@@ -67,8 +68,8 @@ def import_state(model_url: str, options: ModelOptions, state_url: str, source: 
                                  for name in stack.state_names),
                            stack.fingerprint, last_run_number=1, last_touched_at=now)
               for row, sequence_id in enumerate(ids)]
-    storage.remove_tree(store.snapshot_url(run_id))  # leftovers of a failed attempt
-    record = storage.write_table(store.snapshot_file_url(run_id, "state", 0, 1),
+    attempt = new_attempt_id()  # its own folder: an earlier failed import is left alone
+    record = storage.write_table(store.snapshot_file_url(run_id, attempt, "state", 0, 1),
                                  states_to_table(states, stack.state_names), layer=1)
     counts = {"sequences_imported": count, "sequences_live": count}
     store.write_manifest(storage.Manifest(
@@ -76,10 +77,10 @@ def import_state(model_url: str, options: ModelOptions, state_url: str, source: 
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         model_fingerprint=stack.fingerprint, state_names=stack.state_names, counts=counts,
         state_files=(record,), pending_files=(), output_files=(), dead_letter_files=(),
-        final_state_files=()))
-    store.commit(run_id, None)
-    report = {"run_id": run_id, "imported_from": source, **counts,
+        final_state_files=(), attempt=attempt))
+    store.commit(run_id, attempt, None)
+    report = {"run_id": run_id, "attempt": attempt, "imported_from": source, **counts,
               "model_fingerprint": stack.fingerprint,
-              "snapshot": store.snapshot_url(run_id)}
-    store.write_report(run_id, report)
+              "snapshot": store.snapshot_url(run_id, attempt)}
+    store.write_report(run_id, attempt, report)
     return report

@@ -40,6 +40,8 @@ class RunConfig:
     batch_size: int = 256
     window_steps: int = 256
     keep: int | None = None
+    orphan_grace_hours: float = 24.0
+    no_wait: bool = False
     allow_non_finite: bool = False
     reset_state: bool = False
     expire_after_runs: int | None = None
@@ -91,6 +93,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "built with (not stored in checkpoints; default 1.0, TF1's)")
 
 
+def add_orphan_grace_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--orphan-grace-hours", dest="orphan_grace_hours", type=float,
+                        default=24.0, metavar="H",
+                        help="files of attempts that never committed are removed only once "
+                             "older than H hours, so a job still running keeps its files "
+                             "(default 24; make it longer than your longest run)")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """seqcarry's own ``run`` options (everything else is passed to Beam)."""
     add_model_arguments(parser)
@@ -109,8 +119,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-steps", dest="window_steps", type=int, default=256,
                         help="time steps per compiled call; bounds memory (default 256)")
     parser.add_argument("--keep", type=int, default=None, metavar="N",
-                        help="after committing, delete all but the N newest committed "
-                             "snapshots (default: keep all)")
+                        help="after committing, keep the snapshots of the N most recent "
+                             "commits (N >= 1) and remove the others, and the files of "
+                             "attempts that never committed (see --orphan-grace-hours); "
+                             "default: keep all")
+    add_orphan_grace_argument(parser)
+    parser.add_argument("--no-wait", dest="no_wait", action="store_true",
+                        help="submit the job and exit without waiting: the job commits by "
+                             "itself; its report appears at the printed URL (for runners "
+                             "that run without the submitting process, e.g. Dataflow)")
     parser.add_argument("--allow-non-finite", dest="allow_non_finite", action="store_true",
                         help="accept NaN and infinite feature values (rejected by default)")
     parser.add_argument("--reset-state", dest="reset_state", action="store_true",

@@ -7,7 +7,7 @@ import html
 import io
 import json
 
-from pipeline import storage
+import storage
 from schemas.validation import READ_REASONS
 from transforms.sequencing import PLAN_REASONS
 
@@ -23,8 +23,7 @@ def history_rows(state_url: str) -> list[dict]:
     store = storage.StateStore(state_url)
     rows = []
     for manifest in reversed(store.history()):
-        url = store.report_url(manifest.run_id)
-        report = storage.read_json(url) if storage.exists(url) else {}
+        report = store.report(manifest.run_id, manifest.attempt)
         rows.append({"run_id": manifest.run_id, "created_at": manifest.created_at,
                      **{column: report.get(column, 0) for column in COLUMNS[1:]},
                      "rejected_by_reason": report.get("chunks_rejected_by_reason", {})})

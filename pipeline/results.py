@@ -7,7 +7,7 @@ import datetime
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import storage
+import storage
 from schemas import CarriedState, Chunk, chunks_from_table, outputs_from_table, states_from_table
 
 

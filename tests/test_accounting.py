@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import results, storage
+import storage
+from pipeline import results
 from pipeline.build import run_job
 from pipeline.demo import make_model
 from pipeline.options import RunConfig

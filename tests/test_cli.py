@@ -47,7 +47,10 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
     report = json.loads(ok.stdout)
     assert (report["run_id"], report["chunks_processed"], report["steps_processed"]) == \
         ("r1", 1, 5)
-    assert json.load(open(tmp_path / "state" / "runs" / "r1" / "report.json")) == report
+    # The job wrote the report beside its snapshot; the launcher adds Beam's metrics.
+    assert report["snapshot"] == str(tmp_path / "state" / "snapshots" / "r1" / report["attempt"])
+    stored = json.load(open(os.path.join(report["snapshot"], "report.json")))
+    assert stored == {key: value for key, value in report.items() if key != "metrics"}
 
     conflict = seqcarry("run", *common, "--chunks", str(chunks), "--run-id", "r1")
     assert conflict.returncode == 4

@@ -8,8 +8,8 @@ import time
 import fsspec
 import pytest
 
-from pipeline import storage
-from pipeline.build import commit, execute, plan_run, run_job
+import storage
+from pipeline.build import execute, plan_run, run_job
 from pipeline.options import RunConfig
 from tests import gcs
 from tests.conftest import IN_PROCESS, TWO_WORKERS
@@ -44,7 +44,7 @@ def test_oracle_with_chunks_state_outputs_and_model_on_gcs(workload, bucket):
     reports = [run_job(gs_config(model, chunks, bucket, f"run-{n + 1}"), TWO_WORKERS)
                for n, chunks in enumerate(directories)]
     assert sum(r["chunks_processed"] for r in reports) == workload[3]
-    assert reports[-1]["outputs"] == f"{bucket}/outputs/run-3"
+    assert reports[-1]["outputs"] == f"{bucket}/outputs/run-3/{reports[-1]['attempt']}"
     assert_equals_whole_sequence_model(workload, f"{bucket}/state")
     store = storage.StateStore(f"{bucket}/state")
     assert [m.run_id for m in store.history()] == ["run-3", "run-2", "run-1"]
@@ -56,11 +56,10 @@ def test_two_runs_on_gcs_one_commits_the_other_fails_cleanly(workload, bucket):
     run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
     first = plan_run(gs_config(model, directories[1], bucket, "first"))
     second = plan_run(gs_config(model, directories[1], bucket, "second"))
-    commit(first, *execute(first, IN_PROCESS), 1.0)
+    execute(first, IN_PROCESS)
     winner = final_state(f"{bucket}/state")
-    executed = execute(second, IN_PROCESS)
     with pytest.raises(storage.StateConflictError, match="state moved from run-1 to first"):
-        commit(second, *executed, 1.0)
+        execute(second, IN_PROCESS)
     assert storage.StateStore(f"{bucket}/state").current().run_id == "first"
     assert final_state(f"{bucket}/state") == winner
 

@@ -13,7 +13,7 @@ def test_the_sdist_installs_into_a_fresh_venv_and_runs(tmp_path):
                    cwd=REPO, check=True, capture_output=True)
     (sdist,) = (tmp_path / "dist").iterdir()
     members = tarfile.open(sdist).getnames()
-    for module in ("pipeline/build.py", "pipeline/storage.py", "transforms/kernel.py",
+    for module in ("pipeline/build.py", "storage/state.py", "transforms/kernel.py",
                    "transforms/dofns.py", "schemas/contract.py", "schemas/validation.py"):
         assert f"seqcarry-0.1.0/{module}" in members
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pipeline import report, storage
+import storage
+from pipeline import report
 from pipeline.demo import run_demo
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
@@ -24,7 +25,7 @@ def history(tmp_path_factory):
 
 def reports(state):
     store = storage.StateStore(state)
-    return [storage.read_json(store.report_url(m.run_id)) for m in reversed(store.history())]
+    return [store.report(m.run_id, m.attempt) for m in reversed(store.history())]
 
 
 def test_rows_and_plots_hold_the_numbers_of_the_run_reports(history):
@@ -97,7 +98,7 @@ def test_snapshots_and_rollback_commands(tmp_path):
     state = str(tmp_path / "demo" / "state")
     listed = seqcarry("snapshots", "--state", state)
     assert listed.returncode == 0
-    assert [line.split()[-5] for line in listed.stdout.splitlines()[1:]] == [
+    assert [line.split()[-6] for line in listed.stdout.splitlines()[1:]] == [
         "demo-run-3", "demo-run-2", "demo-run-1"]  # newest first, CURRENT marked *
     assert listed.stdout.splitlines()[1].startswith("*")
     back = seqcarry("rollback", "--state", state, "--to", "demo-run-2")

@@ -2,6 +2,7 @@
 rollback and retention. Whatever happens, the committed snapshot stays intact and
 rerunning gives a final state bit for bit equal to a run that never failed."""
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
@@ -12,8 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import results, storage
-from pipeline.build import commit, execute, plan_run, run_job
+import storage
+from pipeline import results
+from pipeline.build import execute, plan_run, run_job
 from pipeline.options import RunConfig
 from tests.conftest import IN_PROCESS, RESUMED
 
@@ -85,7 +87,8 @@ def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed
         assert final_state(state) == committed_before
         assert set(results.committed_outputs(state)) <= set(committed_before)
 
-    # Rerun: the same run id if it never committed (its leftovers are cleaned), then run 3.
+    # Rerun: the same run id if it never committed (a new attempt beside the dead one's
+    # files), then run 3.
     rerun = config(workload, tmp_path, 1, run_id="run-2-again" if committed else "run-2")
     report = run_job(rerun, IN_PROCESS)
     if committed:
@@ -95,8 +98,12 @@ def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed
     assert final_state(state) == never_failed[0]
     assert_same_outputs(results.committed_outputs(state), never_failed[1])
     listed = {r.path for m in store.history() for r in m.output_files}
+    # The dead attempt's files stay in folders of their own until they are older than
+    # the grace period; then gc removes them.
+    store.prune(10, str(tmp_path / "outputs"), grace_seconds=0)
     on_disk = set(storage.expand_glob(str(tmp_path / "outputs")))
-    assert on_disk == listed  # no leftover of the failed attempt
+    assert on_disk == listed
+    store.verify()
 
 
 def test_two_runs_from_the_same_state_one_commits_the_other_changes_nothing(
@@ -105,16 +112,16 @@ def test_two_runs_from_the_same_state_one_commits_the_other_changes_nothing(
     run_job(config(workload, tmp_path, 0), IN_PROCESS)
     first = plan_run(config(workload, tmp_path, 1, run_id="first"))
     second = plan_run(config(workload, tmp_path, 1, run_id="second"))
-    commit(first, *execute(first, IN_PROCESS), 1.0)
+    execute(first, IN_PROCESS)
     winner = final_state(state)
-    second_executed = execute(second, IN_PROCESS)
     with pytest.raises(storage.StateConflictError,
-                       match="state moved from run-1 to first while this run was running"):
-        commit(second, *second_executed, 1.0)
+                       match=f"state moved from run-1 to first .attempt {first.attempt}. "
+                             f"while .*second.*{second.attempt}.* was running"):
+        execute(second, IN_PROCESS)
     store = storage.StateStore(state)
-    assert store.current().run_id == "first"
+    assert store.current().snapshot == ("first", first.attempt)
     assert final_state(state) == winner
-    assert not os.path.exists(store.report_url("second"))
+    assert not os.path.exists(store.report_url("second", second.attempt))
 
 
 @pytest.mark.parametrize("where", ["local", "gs"])
@@ -123,17 +130,17 @@ def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, reque
     store = storage.StateStore(f"{root}/state")
     names = ["base"] + [f"run{i}" for i in range(8)]
     for name in names:
-        storage.write_json(store.manifest_url(name), {"run_id": name})
-    store.commit("base", None)
+        storage.write_json(store.manifest_url(name, "a1"), {"run_id": name})
+    store.commit("base", "a1", None)
     with pytest.raises(storage.StateConflictError, match="state moved from empty to base"):
-        store.commit("run0", None)  # create-only: CURRENT exists now
+        store.commit("run0", "a1", None)  # create-only: CURRENT exists now
     base = store.current()
     wins, barrier = [], threading.Barrier(len(names) - 1)
 
     def contend(name):
         barrier.wait()
         try:
-            store.commit(name, base)
+            store.commit(name, "a1", base)
             wins.append(name)
         except storage.StateConflictError:
             pass
@@ -144,6 +151,7 @@ def test_compare_and_swap_of_current_lets_exactly_one_writer_win(tmp_path, reque
     for thread in threads:
         thread.join()
     assert len(wins) == 1 and store.current().run_id == wins[0]
+    assert [(r.run_id, r.sequence) for r in store.commits()] == [("base", 1), (wins[0], 2)]
 
 
 def damage(path, how):
@@ -179,7 +187,7 @@ def test_a_damaged_snapshot_file_stops_the_run_and_names_the_file(workload, tmp_
 def test_an_altered_manifest_is_detected(workload, tmp_path):
     run_job(config(workload, tmp_path, 0), IN_PROCESS)
     store = storage.StateStore(str(tmp_path / "state"))
-    path = store.manifest_url("run-1")
+    path = store.manifest_url(*store.current().snapshot)
     open(path, "a").write(" ")
     with pytest.raises(storage.IntegrityError, match="manifest.json is damaged"):
         store.verify()
@@ -208,12 +216,13 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
     store = storage.StateStore(state)
     assert [m.run_id for m in store.history()] == ["run-3", "run-2"]
     # run-1's manifest is gone; its state files stay while run-3 still lists them.
+    run_1 = store.committed_attempt("run-1").snapshot
     shared = [r.path for r in store.committed().state_files
-              if r.path.startswith(store.snapshot_url("run-1"))]
-    assert shared and not os.path.exists(store.manifest_url("run-1"))
-    assert sorted(os.listdir(store.snapshot_url("run-1"))) == sorted(
-        [storage.RETIRED] + [os.path.basename(path) for path in shared])
-    # Its run id stays taken: a rerun would first clear the folder of the shared files.
+              if r.path.startswith(store.snapshot_url(*run_1))]
+    assert shared and not os.path.exists(store.manifest_url(*run_1))
+    assert sorted(os.listdir(store.snapshot_url(*run_1))) == sorted(
+        [storage.RETIRED, "report.json"] + [os.path.basename(path) for path in shared])
+    # Its run id stays taken (the commit log remembers it).
     with pytest.raises(storage.StateConflictError, match="run-1 is already committed"):
         run_job(config(workload, tmp_path, 0, run_id="run-1"), IN_PROCESS)
     store.verify()
@@ -223,7 +232,7 @@ def test_keep_removes_old_snapshots_and_the_rest_still_works(workload, tmp_path,
 def test_keep_deletes_retired_files_once_no_snapshot_lists_them(workload, tmp_path,
                                                                 never_failed):
     store = run_three(workload, tmp_path, keep=1)  # run-1 and run-2 retired, still shared
-    snapshots = os.path.dirname(store.snapshot_url("run-1"))
+    snapshots = os.path.join(store.url, "snapshots")
     assert sorted(os.listdir(snapshots)) == ["run-1", "run-2", "run-3"]
     # A compacting run, whose chunks are all duplicates: nothing is shared any more.
     run_job(config(workload, tmp_path, 2, run_id="run-4", keep=1, max_layers=1), IN_PROCESS)
@@ -253,14 +262,22 @@ def test_a_state_directory_moved_whole_still_reads_its_layers(workload, tmp_path
     assert final_state(moved) == never_failed[0]
 
 
-def test_keep_spares_the_files_of_a_snapshot_rolled_back_from(workload, tmp_path):
+@pytest.mark.parametrize("keep", [2, 3])
+def test_keep_counts_commits_and_rollbacks_and_spares_shared_files(workload, tmp_path, keep):
     for run in range(2):
         run_job(config(workload, tmp_path, run), IN_PROCESS)
     store = storage.StateStore(str(tmp_path / "state"))
     rolled_back_from = final_state(store.url)
     store.rollback("run-1")
-    run_job(config(workload, tmp_path, 2, keep=1, max_layers=1), IN_PROCESS)  # retires run-1
-    assert not os.path.exists(store.manifest_url("run-1"))
+    # Commits, newest first: run-3, run-1 (the rollback), run-2, run-1.
+    report = run_job(config(workload, tmp_path, 2, keep=keep, max_layers=1), IN_PROCESS)
+    if keep == 2:  # run-3 and run-1 kept: run-2 retired, and cannot be rolled back to
+        assert report["snapshots_removed"] == ["run-2"]
+        with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+            store.rollback("run-2")
+        return
+    assert report["snapshots_removed"] == []
+    assert not os.path.exists(store.report_url("run-2", None))
     store.rollback("run-2")  # run-2 still lists run-1's files: they were kept
     store.verify()
     assert final_state(store.url) == rolled_back_from
@@ -272,7 +289,7 @@ def test_keep_removes_whole_snapshots_once_compacted(workload, tmp_path, never_f
                for run in range(3)]
     assert [r["snapshots_removed"] for r in reports] == [[], ["run-1"], ["run-2"]]
     store = storage.StateStore(state)
-    assert os.listdir(os.path.dirname(store.snapshot_url("run-1"))) == ["run-3"]
+    assert os.listdir(os.path.join(state, "snapshots")) == ["run-3"]
     assert store.committed().layers == 1
     assert final_state(state) == never_failed[0]
 
@@ -284,10 +301,10 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
     states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
     outputs = [ChunkOutput(f"s{i}", 0, np.full((3, 2), i, np.float32)) for i in (1, 0)]
     writers = [
-        (WriteSnapshotShard(str(tmp_path / "state"), "r", 1, 1, ("layer0_h",)),
+        (WriteSnapshotShard(str(tmp_path / "state"), "r", "a", 1, 1, ("layer0_h",)),
          lambda order: (0, {"states": order(states), "pending": []})),
         # Outputs come as one table in a fixed order (PlanAndRunBucket sorts them).
-        (WriteOutputPart(str(tmp_path / "out"), "r"),
+        (WriteOutputPart(str(tmp_path / "out"), "r", "a"),
          lambda order: ("00000-0000", outputs_to_table(outputs)))]
     def files(entries):  # leaves out the counts, which include time taken
         return [(kind, payload) for kind, payload in entries if kind.endswith("_files")]
@@ -303,7 +320,7 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
 def test_a_run_rewrites_only_the_sequences_it_has_chunks_for(workload, tmp_path,
                                                              never_failed):
     store = run_three(workload, tmp_path)
-    run_2 = store.manifest("run-2")
+    run_2 = store.manifest(*store.committed_attempt("run-2").snapshot)
     own = {sid for record in run_2.state_files if "/run-2/" in record.path
            for sid in storage.read_table(record.path).column("sequence_id").to_pylist()}
     arrived = set(pq.read_table(workload[2][1]).column("sequence_id").to_pylist())
@@ -318,14 +335,17 @@ def test_a_snapshot_from_before_layers_is_compacted_by_the_next_run(workload, tm
     run_job(config(workload, tmp_path, 0), IN_PROCESS)
     store = storage.StateStore(str(tmp_path / "state"))
     # Rewrite run-1's manifest as the first versions wrote it: no layers, no totals.
-    legacy = store.manifest("run-1").to_json()
+    run_1 = store.current()
+    legacy = store.manifest(*run_1.snapshot).to_json()
     for kind in ("state_files", "pending_files"):
         legacy[kind] = [record | {"layer": None} for record in legacy[kind]]
     legacy["counts"] = {key: value for key, value in legacy["counts"].items()
                         if key not in ("sequences_live", "sequences_closed",
                                        "chunks_pending_total")}
-    storage.write_json(store.manifest_url("run-1"), legacy)
-    store.commit("run-1", store.current())
+    storage.write_json(store.manifest_url(*run_1.snapshot), legacy)
+    sha256 = hashlib.sha256(open(store.manifest_url(*run_1.snapshot), "rb").read()).hexdigest()
+    storage.write_json(os.path.join(store.url, "CURRENT"),
+                       run_1.to_json() | {"manifest_sha256": sha256})
     assert store.committed().predates_layers
     for run in (1, 2):
         run_job(config(workload, tmp_path, run), IN_PROCESS)
@@ -333,7 +353,8 @@ def test_a_snapshot_from_before_layers_is_compacted_by_the_next_run(workload, tm
     states, pending = results.snapshot_contents(manifest)
     assert (manifest.sequences, manifest.pending_chunks) == (
         len(states), sum(len(chunks) for chunks in pending.values()))
-    assert store.manifest("run-2").layers == 1 and not manifest.predates_layers
+    assert store.manifest(*store.committed_attempt("run-2").snapshot).layers == 1
+    assert not manifest.predates_layers
     assert final_state(store.url) == never_failed[0]
 
 

@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import results, storage
+import storage
+from pipeline import results
 from pipeline.build import run_job
 from pipeline.importer import import_state
 from pipeline.options import RunConfig

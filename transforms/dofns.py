@@ -1,7 +1,7 @@
 """Beam DoFns and composite PTransforms of a seqcarry run.
 
 Each DoFn is a thin wrapper around a pure function (:mod:`schemas`,
-:mod:`transforms.sequencing`, :mod:`pipeline.storage`). Every file is written under a
+:mod:`transforms.sequencing`, :mod:`storage`). Every file is written under a
 name fixed by its content's key, so a retried bundle rewrites its own file.
 
 Two habits keep the pipeline correct on Beam's DaskRunner as well: nothing is emitted
@@ -17,7 +17,6 @@ report never depends on a runner's support for querying metrics.
 from __future__ import annotations
 
 import collections
-import datetime
 import hashlib
 import time
 from typing import Iterable, Sequence
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline import storage
+import storage
 from schemas import (CarriedState, Chunk, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
@@ -255,18 +254,20 @@ class PlanAndRunBucket(beam.DoFn):
 
 class _WriteRunFile(beam.DoFn):
     """Base of the DoFns that write one Parquet file per element under
-    ``<outputs>/<run_id>/[folder/]``, named by the element's key."""
+    ``<outputs>/<run_id>/<attempt>/[folder/]``, named by the element's key."""
 
     folder = ""
 
-    def __init__(self, outputs_url: str, run_id: str):
+    def __init__(self, outputs_url: str, run_id: str, attempt: str):
         self._outputs_url = outputs_url
         self._run_id = run_id
+        self._attempt = attempt
 
     def _write(self, kind: str, part: str, table, started: float):
         """Write ``table``; the ledger entries of the file and of the time taken since
         ``started``."""
-        url = storage.run_file_url(self._outputs_url, self._run_id, self.folder, part)
+        url = storage.run_file_url(self._outputs_url, self._run_id, self._attempt,
+                                   self.folder, part)
         record = storage.write_table(url, table)
         return [(kind, record), _counts({"ms_write": _ms_since(started)})]
 
@@ -284,10 +285,11 @@ class WriteSnapshotShard(beam.DoFn):
     """``(shard, {'states', 'pending'})`` -> the shard's state file and pending file
     (each only if it has rows); emits their ledger entries."""
 
-    def __init__(self, state_url: str, run_id: str, layer: int, shards: int,
+    def __init__(self, state_url: str, run_id: str, attempt: str, layer: int, shards: int,
                  state_names: Sequence[str]):
         self._store = storage.StateStore(state_url)
         self._run_id = run_id
+        self._attempt = attempt
         self._layer = layer
         self._shards = shards
         self._state_names = tuple(state_names)
@@ -299,12 +301,14 @@ class WriteSnapshotShard(beam.DoFn):
         pending = sorted(grouped["pending"], key=lambda c: (c.sequence_id, c.chunk_index))
         closed = sum(state.closed for state in states)
         if states:
-            url = self._store.snapshot_file_url(self._run_id, "state", shard, self._shards)
+            url = self._store.snapshot_file_url(self._run_id, self._attempt, "state", shard,
+                                               self._shards)
             yield STATE_FILE, storage.write_table(
                 url, states_to_table(states, self._state_names), self._layer)
             storage.fault_point("after_state_file")
         if pending:
-            url = self._store.snapshot_file_url(self._run_id, "pending", shard, self._shards)
+            url = self._store.snapshot_file_url(self._run_id, self._attempt, "pending", shard,
+                                               self._shards)
             yield PENDING_FILE, storage.write_table(
                 url, chunks_to_table(pending, pending=True), self._layer)
         yield _counts({"written_live": len(states) - closed, "written_closed": closed,
@@ -312,7 +316,7 @@ class WriteSnapshotShard(beam.DoFn):
 
 
 class WriteDeadLetters(_WriteRunFile):
-    """``(shard, [DeadLetter])`` -> ``<outputs>/<run_id>/dead_letters/part-*.parquet``."""
+    """``(shard, [DeadLetter])`` -> ``.../<attempt>/dead_letters/part-*.parquet``."""
 
     folder = "dead_letters"
 
@@ -327,12 +331,13 @@ class WriteDeadLetters(_WriteRunFile):
 
 
 class WriteFinalStates(_WriteRunFile):
-    """``(shard, [(CarriedState, end_reason)])`` -> ``<outputs>/<run_id>/final_states/``."""
+    """``(shard, [(CarriedState, end_reason)])`` -> ``.../<attempt>/final_states/``."""
 
     folder = "final_states"
 
-    def __init__(self, outputs_url: str, run_id: str, state_names: Sequence[str]):
-        super().__init__(outputs_url, run_id)
+    def __init__(self, outputs_url: str, run_id: str, attempt: str,
+                 state_names: Sequence[str]):
+        super().__init__(outputs_url, run_id, attempt)
         self._state_names = tuple(state_names)
 
     def process(self, element):
@@ -347,19 +352,22 @@ class WriteFinalStates(_WriteRunFile):
 
 
 class WriteManifest(beam.DoFn):
-    """All ledger entries -> the run's manifest (not yet committed).
+    """All ledger entries -> the attempt's manifest (not yet committed); emits it.
 
     ``parent`` is the manifest the run started from (None for the first run) and
     ``inherit`` whether the new snapshot keeps the parent's layers (see
-    :class:`~pipeline.storage.Manifest`) or replaces them (a compacting run).
+    :class:`~schemas.manifest.Manifest`) or replaces them (a compacting run). Every
+    field comes from the plan or the ledger, so a retry writes the same bytes.
     """
 
-    def __init__(self, state_url: str, run_id: str, run_number: int,
-                 parent: storage.Manifest | None, inherit: bool, model_fingerprint: str,
-                 state_names: Sequence[str]):
+    def __init__(self, state_url: str, run_id: str, attempt: str, run_number: int,
+                 created_at: str, parent: storage.Manifest | None, inherit: bool,
+                 model_fingerprint: str, state_names: Sequence[str]):
         self._state_url = state_url
         self._run_id = run_id
+        self._attempt = attempt
         self._run_number = run_number
+        self._created_at = created_at
         self._parent = parent
         self._inherit = inherit
         self._fingerprint = model_fingerprint
@@ -388,14 +396,16 @@ class WriteManifest(beam.DoFn):
         manifest = storage.Manifest(
             run_id=self._run_id, run_number=self._run_number,
             parent=self._parent.run_id if self._parent else None,
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            created_at=self._created_at,
             model_fingerprint=self._fingerprint, state_names=self._state_names,
             counts=dict(counts),
             **{kind: tuple(sorted(files[kind], key=lambda r: (r.layer or 0, r.path)))
-               for kind in FILE_KINDS})
+               for kind in FILE_KINDS},
+            attempt=self._attempt,
+            parent_attempt=self._parent.attempt if self._parent else None)
         storage.StateStore(self._state_url).write_manifest(manifest)
         storage.fault_point("after_manifest")
-        yield manifest.run_id
+        yield manifest
 
 
 class ApplyChunks(beam.PTransform):

@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import storage
+
 # Activation names the kernel implements, with Keras 3's meaning of each.
 ACTIVATIONS = ("linear", "tanh", "sigmoid", "hard_sigmoid", "relu", "softmax", "elu",
                "softplus", "swish", "silu", "gelu")
@@ -605,7 +607,6 @@ class KerasCheckpointLoader(ModelLoader):
 
     def load(self, path: str, options: ModelOptions) -> RecurrentStack:
         import tensorflow as tf
-        from pipeline import storage
 
         prefix = checkpoint_prefix(path)
         if not options.architecture:
@@ -745,8 +746,6 @@ def load_model(url: str, options: ModelOptions | None = None) -> RecurrentStack:
     file itself is accepted too) or a directory holding a ``checkpoint`` file. The
     format is detected; ``options`` covers what detection cannot see.
     """
-    from pipeline import storage
-
     url = url.removesuffix(".index")
     if storage.exists(url):
         path = storage.local_copy(url)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from typing import Callable, Iterable, Sequence
 
-from pipeline import storage
+import storage
 from schemas import Chunk, chunks_from_table, chunks_to_table
 
 StagedBatch = tuple[str, int]

@@ -1,0 +1,24 @@
+"""Storage, below :mod:`transforms` and above :mod:`schemas`: file IO through fsspec
+(:mod:`storage.files`), the state store and its commit protocol
+(:mod:`storage.state`), and the fault points tests use (:mod:`storage.faults`)."""
+from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
+from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
+from storage.files import (IntegrityError, StorageError, check_location, distinct_values,
+                           exists, expand_glob, join, list_names, local_copy,
+                           local_copy_checkpoint, parquet_size, read_bytes, read_json,
+                           read_table, read_table_at, remove_file, remove_tree, write_json,
+                           write_table, write_tables)
+from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, StateStore,
+                           UnsupportedLocation, check_state_location, file_key,
+                           read_json_object, run_file_url)
+
+__all__ = [
+    "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
+    "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
+    "StateStore", "StorageError", "UnsupportedLocation", "check_location",
+    "check_state_location", "distinct_values", "exists", "expand_glob", "fault_point",
+    "file_key", "join", "list_names", "local_copy", "local_copy_checkpoint",
+    "newest_layer", "parquet_size", "read_bytes", "read_json", "read_json_object",
+    "read_table", "read_table_at", "remove_file", "remove_tree", "run_file_url",
+    "write_json", "write_table", "write_tables",
+]

@@ -1,0 +1,297 @@
+"""File IO for every seqcarry file, through fsspec (local paths, ``gs://`` through
+gcsfs, and other fsspec URLs), with a filesystem's permanent errors turned into one
+clear :class:`StorageError` (the role Beam's ``filesystems.py`` plays for Beam).
+
+Every write is all or nothing: readers see a file whole or not at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import os
+import tempfile
+import uuid
+from typing import Any, Iterator, Sequence
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas.manifest import FileRecord
+
+
+class StorageError(RuntimeError):
+    """A file or directory cannot be read or written, or holds something unexpected."""
+
+
+class IntegrityError(StorageError):
+    """A snapshot file does not match its manifest (truncated, altered or missing)."""
+
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path parts with '/', whatever the filesystem."""
+    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    # No listings cache: other processes write here too, and a stale listing must
+    # never hide a snapshot file or CURRENT.
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
+    return "gs" in fs.protocol
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn a filesystem's permanent errors into one clear StorageError.
+
+    Transient ones (HTTP 408/429/5xx, connection resets) never get here on ``gs://``:
+    gcsfs retries them with exponential backoff (6 tries) first.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as error:
+        raise StorageError(f"cannot {doing} {url}: it does not exist (check the bucket "
+                           "and path)") from error
+    except OSError as error:  # e.g. gcsfs' "Forbidden" for HTTP 403
+        raise StorageError(f"cannot {doing} {url}: {str(error).splitlines()[0]}") from error
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL that names ``path`` on ``fs`` (a plain path for local files)."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Files matching ``pattern`` (a path, directory or glob), sorted."""
+    fs, path = filesystem(pattern)
+    with storage_errors(pattern, "list"):
+        if fs.isdir(path):
+            path = join(path, "**", "*.parquet")
+        return sorted(url_of(fs, p) for p in fs.glob(path) if not fs.isdir(p))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    with storage_errors(url, "look up"):
+        return fs.exists(path)
+
+
+def check_location(url: str, option: str) -> None:
+    """Fail fast, naming ``option``, if ``url``'s bucket does not exist."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return
+    root = path.split("/", 1)[0]
+    with storage_errors(url, "reach"):
+        if not fs.exists(root):
+            raise StorageError(f"{option} {url}: bucket {root} does not exist")
+
+
+def remove_tree(url: str) -> None:
+    """Delete ``url`` and everything below it, if it exists."""
+    fs, path = filesystem(url)
+    with storage_errors(url, "delete"):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def remove_file(url: str) -> None:
+    """Delete one file if it exists."""
+    fs, path = filesystem(url)
+    with storage_errors(url, "delete"):
+        if fs.exists(path):
+            fs.rm_file(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise StorageError(f"{url} does not exist") from error
+    except OSError as error:
+        raise StorageError(f"cannot read {url}: {str(error).splitlines()[0]}") from error
+
+
+def local_copy(url: str) -> str:
+    """A local path holding the file or directory at ``url`` (the path itself for
+    local ones)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"),
+                          os.path.basename(path.rstrip("/")))
+    with storage_errors(url, "download"):
+        if fs.isdir(path):
+            for name in fs.find(path):  # every object below it, at its relative place
+                local = os.path.join(target, os.path.relpath(name, path.rstrip("/")))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get(name, local)
+        else:
+            fs.get(path, target)
+    return target
+
+
+def local_copy_checkpoint(url: str) -> str:
+    """A local prefix holding the TensorFlow checkpoint whose prefix is ``url``
+    (``url.index``, ``url.data-*``; the prefix itself for a local one)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = os.path.join(tempfile.mkdtemp(prefix="seqcarry-"), os.path.basename(path))
+    with storage_errors(url, "download"):
+        for name in fs.glob(glob.escape(path) + ".*"):
+            fs.get(name, target + name[len(path):])
+    return target
+
+
+def write_bytes(url: str, data: bytes | pa.Buffer, durable: bool = True) -> None:
+    """Write ``data`` so that readers see either nothing or all of it; ``durable``
+    also flushes it, and the directory entry, to disk before returning (local files).
+    A failed write (disk full, read-only folder) leaves no temporary file behind."""
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        with storage_errors(url, "write"), fs.open(path, "wb") as handle:
+            handle.write(data)  # an object appears whole when closed
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with storage_errors(url, "write"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
+        if durable:
+            _fsync_directory(os.path.dirname(path))
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a rename in ``path`` durable (POSIX needs the directory synced too)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def list_names(url: str) -> tuple[list[str], list[str]]:
+    """The names of the folders and of the files directly in ``url`` (both empty if it
+    does not exist). Names, not a glob: paths with ``[``, ``]`` or ``*`` list as well."""
+    fs, path = filesystem(url)
+    with storage_errors(url, "list"):
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return [], []
+    folders = sorted(os.path.basename(e["name"].rstrip("/")) for e in entries
+                     if e["type"] == "directory")
+    files = sorted(os.path.basename(e["name"]) for e in entries if e["type"] != "directory")
+    return folders, files
+
+
+def json_bytes(payload: Any) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_json(url: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IntegrityError(f"{url} is not valid JSON: {error}") from error
+
+
+def write_json(url: str, payload: Any) -> None:
+    write_bytes(url, json_bytes(payload))
+
+
+def read_json(url: str) -> Any:
+    return parse_json(url, read_bytes(url))
+
+
+def write_table(url: str, table: pa.Table, layer: int | None = None) -> FileRecord:
+    """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
+    buffer = io.BytesIO()
+    # Dictionaries only for ids: float columns never repeat, and trying costs a third
+    # of the write.
+    pq.write_table(table, buffer, use_dictionary=[
+        field.name for field in table.schema if pa.types.is_string(field.type)])
+    data = buffer.getvalue()
+    write_bytes(url, data)
+    return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest(), layer)
+
+
+def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
+    """Read a Parquet file; with ``expected``, first check its sha256 and row count."""
+    data = read_bytes(url)
+    digest = hashlib.sha256(data).hexdigest() if expected is not None else None
+    if expected is not None and digest != expected.sha256:
+        raise IntegrityError(
+            f"{url} is damaged: its sha256 is {digest}, the "
+            f"manifest says {expected.sha256} ({len(data)} bytes read); nothing was changed")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
+    if expected is not None and table.num_rows != expected.rows:
+        raise IntegrityError(f"{url} has {table.num_rows} rows, the manifest says "
+                             f"{expected.rows}")
+    return table
+
+
+def parquet_size(url: str) -> tuple[int, int]:
+    """Rows and uncompressed bytes of a Parquet file, from its footer only."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    return metadata.num_rows, sum(metadata.row_group(group).total_byte_size
+                                  for group in range(metadata.num_row_groups))
+
+
+def distinct_values(urls: Sequence[str], column: str) -> set:
+    """The distinct values of ``column`` over Parquet files (files without it add none)."""
+    values = set()
+    for url in urls:
+        fs, path = filesystem(url)
+        with storage_errors(url, "read"), fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if column in parquet.schema_arrow.names:
+                values.update(parquet.read(columns=[column]).column(column).to_pylist())
+    return values
+
+
+def write_tables(url: str, tables: Sequence[pa.Table]) -> None:
+    """Write ``tables`` (one schema) as one Arrow IPC file, a record batch each, so that
+    :func:`read_table_at` can read any one of them alone. For transient files: IPC
+    costs nothing to encode or decode, and they are not synced to disk (a crash loses
+    the run using them)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, tables[0].schema) as writer:
+        for table in tables:
+            writer.write_batch(table.combine_chunks().to_batches()[0])
+    write_bytes(url, sink.getvalue(), durable=False)
+
+
+def read_table_at(url: str, index: int) -> pa.Table:
+    """Table ``index`` of an Arrow IPC file written by :func:`write_tables`."""
+    fs, path = filesystem(url)
+    with storage_errors(url, "read"), fs.open(path, "rb") as handle:
+        return pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(index)])
+

@@ -1,0 +1,117 @@
+"""The job's last step: check the run's accounts, commit, write the run report, prune.
+
+It runs inside the job, on one worker, once the manifest is written, so a run commits
+itself even when the process that submitted it has gone (Dataflow Flex Templates,
+Flink in detached mode). It is idempotent: retried after its swap, it finds its own
+attempt in ``CURRENT`` and finishes the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import apache_beam as beam
+
+import storage
+from schemas.manifest import outputs_dir
+from transforms.sequencing import DEFERRED, PROCESSED, REJECTED, SKIPPED
+
+_LOG = logging.getLogger("seqcarry")
+# Where every chunk read ends up: exactly one of these.
+CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitTarget:
+    """What the commit step needs, fixed when the pipeline is built."""
+    state_url: str
+    outputs_url: str
+    run_id: str
+    attempt: str
+    parent: storage.CommitRecord | None  # CURRENT as read at planning: swapped from it
+    planned_at: float  # time.time() when the run was planned, for the report's seconds
+    keep: int | None = None
+    orphan_grace_seconds: float = storage.DEFAULT_ORPHAN_GRACE_SECONDS
+
+
+def check_accounts(manifest: storage.Manifest) -> None:
+    """Every chunk read must be in exactly one of :data:`CATEGORIES`."""
+    counts = manifest.counts
+    accounted = sum(counts.get(category, 0) for category in CATEGORIES)
+    if counts.get("chunks_read", 0) != accounted:
+        raise storage.StorageError(
+            f"run {manifest.run_id} read {counts.get('chunks_read', 0)} chunks but "
+            f"accounted for {accounted} ("
+            f"{', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); nothing was "
+            "committed")
+
+
+def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float) -> dict:
+    """The run report: counts from the manifest, plus wall time and throughput."""
+    counts = manifest.counts
+
+    def by_prefix(prefix: str) -> dict[str, int]:
+        return {key.removeprefix(prefix): value for key, value in sorted(counts.items())
+                if key.startswith(prefix)}
+
+    steps = counts.get("steps_processed", 0)
+    return {
+        "run_id": manifest.run_id,
+        "attempt": manifest.attempt,
+        "parent": manifest.parent,
+        "chunks_read": counts.get("chunks_read", 0),
+        **{category: counts.get(category, 0) for category in CATEGORIES},
+        "chunks_rejected_by_reason": by_prefix(f"{REJECTED}_"),
+        "chunks_pending_total": manifest.pending_chunks,
+        "pending_applied": counts.get("pending_applied", 0),
+        "pending_rejected": counts.get("pending_rejected", 0),
+        "sequences_touched": counts.get("sequences_touched", 0),
+        "sequences_live": counts.get("sequences_live", 0),
+        "sequences_ended": by_prefix("sequences_ended_"),
+        "steps_processed": steps,
+        "seconds": round(seconds, 3),
+        "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,
+        # Time in each stage, summed over workers; the rest of the wall time is
+        # Beam's: start-up, and moving records between stages (the join).
+        "stage_seconds": {stage: round(ms / 1000, 3)
+                          for stage, ms in by_prefix("ms_").items()},
+        "outputs": storage.join(target.outputs_url, outputs_dir(manifest.run_id,
+                                                                 manifest.attempt)),
+        "dead_letters": [r.path for r in manifest.dead_letter_files],
+        "final_states": [r.path for r in manifest.final_state_files],
+        "snapshot": storage.StateStore(target.state_url).snapshot_url(manifest.run_id,
+                                                                      manifest.attempt),
+    }
+
+
+def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
+    """Check, commit (idempotent), write the report and prune; returns the report."""
+    check_accounts(manifest)
+    store = storage.StateStore(target.state_url)
+    storage.fault_point("before_commit")
+    started = time.perf_counter()
+    store.commit(target.run_id, target.attempt, target.parent)
+    storage.fault_point("after_commit")
+    storage.remove_tree(store.staging_url(target.run_id, target.attempt))  # read by now
+    report = make_report(manifest, target, time.time() - target.planned_at)
+    report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
+    store.write_report(target.run_id, target.attempt, report)
+    _LOG.info("event=committed run_id=%s attempt=%s chunks_processed=%d steps=%d",
+              target.run_id, target.attempt, report["chunks_processed"],
+              report["steps_processed"])
+    if target.keep:
+        report["snapshots_removed"] = store.prune(target.keep, target.outputs_url,
+                                                  target.orphan_grace_seconds)
+        store.write_report(target.run_id, target.attempt, report)
+    return report
+
+
+class CommitRun(beam.DoFn):
+    """The run's manifest -> its report, after committing it (see :func:`commit_run`)."""
+
+    def __init__(self, target: CommitTarget):
+        self._target = target
+
+    def process(self, manifest: storage.Manifest):
+        yield commit_run(manifest, self._target)
