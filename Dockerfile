@@ -10,5 +10,6 @@ COPY setup.py README.md ./
 COPY pipeline ./pipeline
 COPY transforms ./transforms
 COPY schemas ./schemas
+COPY storage ./storage
 # tensorflow-cpu; swap `cpu` for `gpu` on a GPU image.
 RUN pip install --no-cache-dir '.[cpu]'

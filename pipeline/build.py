@@ -55,7 +55,7 @@ class RunPlan:
     planner: Planner
     compact: bool  # read and rewrite every sequence, not only the touched ones
     buckets: int  # units of work: sequences joined, planned and run together
-    planned_at: float  # time.time() at planning
+    planned_at: float  # time.time() when planning began
 
     def commit_target(self) -> CommitTarget:
         return CommitTarget(self.config.state, self.config.outputs, self.run_id,
@@ -65,6 +65,7 @@ class RunPlan:
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Check the inputs and decide everything the pipeline needs to be built."""
+    started_at = time.time()  # the report's seconds count from here
     if min(config.batch_size, config.window_steps, config.max_layers) < 1:
         raise InputError("--batch-size, --window-steps and --max-layers must be at least 1")
     if (config.expire_after_runs is not None and config.expire_after_runs < 1
@@ -75,11 +76,10 @@ def plan_run(config: RunConfig) -> RunPlan:
         raise InputError(f"--keep {config.keep}: keep at least 1 snapshot (the current one)")
     if not 0 < config.orphan_grace_hours < math.inf:
         raise InputError("--orphan-grace-hours must be a number of hours above 0")
-    storage.check_state_location(config.state)
+    store = storage.StateStore(config.state)  # refuses a --state without atomic swaps
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")
     stack = load_model(config.model, config.model_options())
-    store = storage.StateStore(config.state)
     run_id = checked_run_id(config.run_id)
     pointer = store.current()
     parent = store.manifest_of(pointer) if pointer else None
@@ -116,7 +116,7 @@ def plan_run(config: RunConfig) -> RunPlan:
               parent.pending_chunks if parent else 0, parent.layers if parent else 0,
               compact, buckets)
     return RunPlan(config, run_id, attempt, pointer, parent, stack, tuple(chunk_files),
-                   input_rows, shards, planner, compact, buckets, time.time())
+                   input_rows, shards, planner, compact, buckets, started_at)
 
 
 def bucket_count(sequences: int, input_bytes: int, batch_size: int,
@@ -255,7 +255,7 @@ def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
         if client is not None:
             client.close()
         if not plan.config.no_wait:
-            storage.remove_tree(store.staging_url(plan.run_id, plan.attempt))
+            store.remove_staging(plan.run_id, plan.attempt)
     return store.report(plan.run_id, plan.attempt) | {"metrics": beam_metrics(result)}
 
 

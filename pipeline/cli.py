@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif arguments.command == "rollback":
             store = storage.StateStore(arguments.state)
             try:
-                before = store.current().run_id
+                before = getattr(store.current(), "run_id", "empty")
             except storage.IntegrityError:
                 before = "a missing or damaged CURRENT"
             store.rollback(arguments.to)

@@ -108,10 +108,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input chunk Parquet files: a file, a directory or a glob "
                              "(quote it so the shell does not expand it)")
     parser.add_argument("--state", required=True,
-                        help="state directory: CURRENT, snapshots/ and runs/ live here; "
-                             "created on the first run")
+                        help="state directory (local or gs://): CURRENT, log/, snapshots/ "
+                             "and staging/ live here; created on the first run")
     parser.add_argument("--outputs", required=True,
-                        help="directory for per-step outputs, written under <outputs>/<run_id>/")
+                        help="directory for per-step outputs, written under "
+                             "<outputs>/<run_id>/<attempt>/")
     parser.add_argument("--run-id", dest="run_id", default=None,
                         help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=256,

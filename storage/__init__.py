@@ -9,14 +9,14 @@ from storage.files import (IntegrityError, StorageError, check_location, distinc
                            read_table, read_table_at, remove_file, remove_tree, write_json,
                            write_table, write_tables)
 from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, StateStore,
-                           UnsupportedLocation, check_state_location, file_key,
+                           UnsupportedLocation, file_key,
                            read_json_object, run_file_url)
 
 __all__ = [
     "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
     "StateStore", "StorageError", "UnsupportedLocation", "check_location",
-    "check_state_location", "distinct_values", "exists", "expand_glob", "fault_point",
+    "distinct_values", "exists", "expand_glob", "fault_point",
     "file_key", "join", "list_names", "local_copy", "local_copy_checkpoint",
     "newest_layer", "parquet_size", "read_bytes", "read_json", "read_json_object",
     "read_table", "read_table_at", "remove_file", "remove_tree", "run_file_url",

@@ -45,7 +45,7 @@ class UnsupportedLocation(ValueError):
     """``--state`` is on a filesystem without an atomic conditional write."""
 
 
-def check_state_location(url: str) -> None:
+def _check_state_location(url: str) -> None:
     """Refuse a ``--state`` where ``CURRENT`` cannot be swapped atomically."""
     fs, _ = filesystem(url)
     if not (isinstance(fs, LocalFileSystem) or is_gcs(fs)):
@@ -62,6 +62,7 @@ class StateStore:
     """The versioned state under one ``--state`` URL."""
 
     def __init__(self, url: str):
+        _check_state_location(url)
         self.url = url.rstrip("/")
         self._current_url = join(self.url, "CURRENT")
 
@@ -105,15 +106,25 @@ class StateStore:
         snapshots present) or damaged ``CURRENT`` is an :class:`IntegrityError`."""
         data, token = _read_pointer(self._current_url)
         if data is None:
-            if self._logged() or list_names(join(self.url, "snapshots"))[0]:
+            if self._ever_committed():
                 raise IntegrityError(f"{self._current_url} is missing but {self.url} holds "
-                                     f"snapshots; {self._recovery()}")
+                                     f"committed snapshots; {self._recovery()}")
             return None
         try:
             return CommitRecord.from_json(parse_json(self._current_url, data), token)
         except (ManifestError, IntegrityError) as error:
             raise IntegrityError(f"{self._current_url} is damaged ({error}); "
                                  f"{self._recovery()}") from error
+
+    def _ever_committed(self) -> bool:
+        """Whether anything was committed here: the commit log, or what states from
+        before it hold (``runs/``, a manifest directly in a run's snapshot folder).
+        Files of attempts that never committed (a first run that died) do not count."""
+        if list_names(join(self.url, "log"))[1] or list_names(join(self.url, "runs"))[0]:
+            return True
+        root = join(self.url, "snapshots")
+        return any("manifest.json" in list_names(join(root, run_id))[1]
+                   for run_id in list_names(root)[0])
 
     def _logged(self) -> list[CommitRecord]:
         """The commit log, oldest first."""
@@ -133,7 +144,10 @@ class StateStore:
         where its log entry was not written yet (a commit killed right after its
         swap). A state written before the log has only CURRENT here."""
         logged = self._logged()
-        pointer = self.current()
+        try:
+            pointer = self.current()
+        except IntegrityError:  # the log still tells what was committed (for rollback)
+            pointer = None
         if pointer and not any(r.sequence == pointer.sequence for r in logged):
             logged.append(pointer)
         return logged
@@ -199,9 +213,9 @@ class StateStore:
         found = [record for record in self.commits() if record.run_id == run_id]
         if found:
             return found[-1]
-        for manifest in self.lineage():  # states written before the commit log
-            if manifest.run_id == run_id and manifest.attempt is None:
-                return CommitRecord(run_id, "", None)
+        # A state from before the commit log: every commit left a report.
+        if exists(self.report_url(run_id, None)):
+            return CommitRecord(run_id, "", None)
         return None
 
     def _available(self, run_id: str) -> CommitRecord | None:
@@ -230,7 +244,8 @@ class StateStore:
             if record is None:
                 raise StorageError(f"{run_id} is not a committed snapshot of {self.url}; "
                                    f"`seqcarry snapshots --state {self.url}` lists them")
-        manifest = self.manifest(*record.snapshot, record.manifest_sha256 or None)
+        manifest = (self.manifest_of(record) if run_id is None
+                    else self.manifest(*record.snapshot, record.manifest_sha256 or None))
         for file in manifest.state_files + manifest.pending_files:
             read_table(file.path, file)
         return manifest
@@ -271,6 +286,8 @@ class StateStore:
         :class:`StateConflictError` says from what to what.
         """
         manifest = read_bytes(self.manifest_url(run_id, attempt))  # StorageError if missing
+        if expected is not None:
+            self._log(expected)  # a commit killed after its swap left no entry
         return self._swap(run_id, attempt, hashlib.sha256(manifest).hexdigest(), expected,
                           "this run")
 
@@ -282,7 +299,6 @@ class StateStore:
             self._log(now)  # the swap succeeded before: finish what it started
             return now
         if expected is not None:
-            self._log(expected)  # a commit killed after its swap left no entry
             token = expected.token
         sequence = max([expected.sequence if expected else 0]
                        + [record.sequence for record in self._logged()[-1:]]) + 1
@@ -316,10 +332,16 @@ class StateStore:
             expected = self.current()
         except IntegrityError:  # missing or damaged: swapped from the version read
             expected = None
+        if expected is not None and exists(self.manifest_url(*expected.snapshot)):
+            self._log(expected)  # a real commit, maybe killed before its log entry
         self._swap(run_id, record.attempt, record.manifest_sha256 or hashlib.sha256(
             read_bytes(self.manifest_url(*record.snapshot))).hexdigest(),
             expected, "this rollback", token)
         return manifest
+
+    def remove_staging(self, run_id: str, attempt: str) -> None:
+        """Remove an attempt's staged chunks (and the run's folder, if left empty)."""
+        _remove_folder(self.staging_url(run_id, attempt))
 
     def write_report(self, run_id: str, attempt: str, report: dict) -> None:
         write_json(self.report_url(run_id, attempt), report)
@@ -345,6 +367,7 @@ class StateStore:
         """
         if keep < 1:
             raise ValueError("keep must be at least 1")
+        self.committed()  # a missing or damaged CURRENT stops retention here
         # Newest first: the commit log, then snapshots from before the log.
         recent = [record.snapshot for record in reversed(self.commits())] + [
             (manifest.run_id, None) for manifest in self.lineage()
@@ -379,7 +402,7 @@ class StateStore:
                 self._remove_unused(snapshot, in_use)
         for run_id, attempt in _attempt_folders(join(self.url, "staging")):
             if _older_than(attempt, cutoff):
-                _remove_folder(join(self.url, staging_dir(run_id, attempt)))
+                self.remove_staging(run_id, attempt)
         if outputs_url:
             for snapshot in _attempt_folders(outputs_url):
                 if snapshot not in committed and _older_than(snapshot[1], cutoff):

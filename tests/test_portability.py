@@ -12,6 +12,7 @@ import apache_beam as beam
 from pipeline.build import build, plan_run
 from pipeline.options import RunConfig
 from schemas import CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_to_table, outputs_to_table
+from transforms.commit import CommitRun
 from transforms.dofns import (COUNTS, DEAD_LETTER_FILE, FINAL_STATE_FILE, OUTPUT_FILE,
                               PlanAndRunBucket, ReadChunkFile, WriteDeadLetters,
                               WriteFinalStates, WriteManifest, WriteOutputPart,
@@ -34,9 +35,10 @@ def test_dofns_survive_beams_pickler_and_still_work(plan, workload, tmp_path):
     config = plan.config
     dofns = [ReadChunkFile(3, False, "r1", str(tmp_path / "staging"), 2),
              PlanAndRunBucket(config.model, plan.planner, 4, 16),
-             WriteSnapshotShard(config.state, "r1", 1, 1, plan.stack.state_names),
-             WriteManifest(config.state, "r1", 1, None, False, plan.stack.fingerprint,
-                           plan.stack.state_names)]
+             WriteSnapshotShard(config.state, "r1", "a1", 1, 1, plan.stack.state_names),
+             WriteManifest(config.state, "r1", "a1", 1, "2026-12-01T00:00:00+00:00", None,
+                           False, plan.stack.fingerprint, plan.stack.state_names),
+             CommitRun(plan.commit_target())]
     restored = [pickler.loads(pickler.dumps(dofn)) for dofn in dofns]
     assert [type(d) for d in restored] == [type(d) for d in dofns]
 
@@ -60,9 +62,9 @@ def test_writers_give_the_manifest_their_files_and_time(plan, tmp_path):
     letter = DeadLetter("in.parquet", 0, "a", 0, "non_finite", "NaN", "{}")
     ended = CarriedState("a", 1, 2, plan.planner.zero_state, plan.stack.fingerprint)
     written = {
-        OUTPUT_FILE: WriteOutputPart(out, "r1").process(("00000-0000", outputs)),
-        DEAD_LETTER_FILE: WriteDeadLetters(out, "r1").process((0, [letter])),
-        FINAL_STATE_FILE: WriteFinalStates(out, "r1", plan.stack.state_names).process(
+        OUTPUT_FILE: WriteOutputPart(out, "r1", "a1").process(("00000-0000", outputs)),
+        DEAD_LETTER_FILE: WriteDeadLetters(out, "r1", "a1").process((0, [letter])),
+        FINAL_STATE_FILE: WriteFinalStates(out, "r1", "a1", plan.stack.state_names).process(
             (0, [(ended, "is_last")])),
     }
     for kind, entries in written.items():
@@ -79,7 +81,8 @@ def test_the_pipeline_builds_and_serializes_with_cluster_runner_options(plan, op
     build(pipeline, plan)
     proto = pipeline.to_runner_api()  # what a runner is sent: every DoFn pickled
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"ReadChunks", "ApplyChunks/PlanAndRun", "WriteSnapshot", "WriteManifest"} <= names
+    assert {"ReadChunks", "ApplyChunks/PlanAndRun", "WriteSnapshot", "WriteManifest",
+            "Commit"} <= names
     if options is DATAFLOW:
         assert parsed.view_as(GoogleCloudOptions).region == "europe-west1"
         assert parsed.view_as(SetupOptions).setup_file == "./setup.py"

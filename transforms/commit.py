@@ -30,7 +30,7 @@ class CommitTarget:
     run_id: str
     attempt: str
     parent: storage.CommitRecord | None  # CURRENT as read at planning: swapped from it
-    planned_at: float  # time.time() when the run was planned, for the report's seconds
+    planned_at: float  # time.time() when planning began, for the report's seconds
     keep: int | None = None
     orphan_grace_seconds: float = storage.DEFAULT_ORPHAN_GRACE_SECONDS
 
@@ -93,7 +93,7 @@ def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
     started = time.perf_counter()
     store.commit(target.run_id, target.attempt, target.parent)
     storage.fault_point("after_commit")
-    storage.remove_tree(store.staging_url(target.run_id, target.attempt))  # read by now
+    store.remove_staging(target.run_id, target.attempt)  # every chunk was read by now
     report = make_report(manifest, target, time.time() - target.planned_at)
     report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
     store.write_report(target.run_id, target.attempt, report)
