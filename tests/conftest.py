@@ -6,8 +6,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from pipeline import results  # noqa: E402
+from pipeline.build import run_job  # noqa: E402
 from pipeline.demo import (cut_into_chunks, make_model, make_sequences,  # noqa: E402
                            spread_over_runs, write_chunk_files)
+from pipeline.options import RunConfig  # noqa: E402
 
 RUNS = 3
 IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
@@ -103,3 +106,33 @@ def tf1_checkpoints(tmp_path_factory):
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+# --- the workload's runs, and what runs that never failed give ---------------------
+
+def config(workload, tmp_path, run, run_id=None, **extra):
+    return RunConfig(model=workload[0], chunks=workload[2][run], state=str(tmp_path / "state"),
+                     outputs=str(tmp_path / "outputs"), run_id=run_id or f"run-{run + 1}",
+                     **(dict(batch_size=4, window_steps=16) | extra))
+
+
+def final_state(state_url):
+    """Everything the committed snapshot carries, as comparable plain values."""
+    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
+            for sid, s in results.committed_states(state_url).items()}
+
+
+@pytest.fixture(scope="session")
+def never_failed(workload, tmp_path_factory):
+    """Final state and outputs of the workload's three runs, none of which failed."""
+    tmp_path = tmp_path_factory.mktemp("never-failed")
+    for run in range(RUNS):
+        run_job(config(workload, tmp_path, run), IN_PROCESS)
+    state = str(tmp_path / "state")
+    return final_state(state), results.committed_outputs(state)
+
+
+def assert_same_outputs(got, want):
+    assert sorted(got) == sorted(want)
+    for sequence_id in want:
+        np.testing.assert_array_equal(got[sequence_id], want[sequence_id])

@@ -20,43 +20,11 @@ import pytest
 import storage
 from pipeline import results
 from pipeline.build import execute, plan_run, run_job
-from pipeline.options import RunConfig
 from schemas import outputs_from_table
-from tests.conftest import IN_PROCESS, RESUMED
+from tests.conftest import IN_PROCESS, RESUMED, assert_same_outputs, config, final_state
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# --- helpers (as in tests/test_state_store.py, which cannot be imported while it still
-# imports the old pipeline.build.commit) ------------------------------------------------
-
-def config(workload, tmp_path, run, run_id=None, **extra):
-    return RunConfig(model=workload[0], chunks=workload[2][run], state=str(tmp_path / "state"),
-                     outputs=str(tmp_path / "outputs"), run_id=run_id or f"run-{run + 1}",
-                     **(dict(batch_size=4, window_steps=16) | extra))
-
-
-def final_state(state_url):
-    """Everything the committed snapshot carries, as comparable plain values."""
-    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
-            for sid, s in results.committed_states(state_url).items()}
-
-
-def assert_same_outputs(got, want):
-    assert sorted(got) == sorted(want)
-    for sequence_id in want:
-        np.testing.assert_array_equal(got[sequence_id], want[sequence_id])
-
-
-@pytest.fixture(scope="module")
-def never_failed(workload, tmp_path_factory):
-    """Final state and outputs of three runs that never failed."""
-    tmp_path = tmp_path_factory.mktemp("never-failed")
-    for run in range(3):
-        run_job(config(workload, tmp_path, run), IN_PROCESS)
-    state = str(tmp_path / "state")
-    return final_state(state), results.committed_outputs(state)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import storage
 from pipeline.build import execute, plan_run, run_job
 from pipeline.options import RunConfig
 from tests import gcs
-from tests.conftest import IN_PROCESS, TWO_WORKERS
+from tests.conftest import IN_PROCESS, TWO_WORKERS, final_state
 from tests.test_pipeline import assert_equals_whole_sequence_model
-from tests.test_state_store import final_state
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 

@@ -16,16 +16,10 @@ import pytest
 import storage
 from pipeline import results
 from pipeline.build import execute, plan_run, run_job
-from pipeline.options import RunConfig
-from tests.conftest import IN_PROCESS, RESUMED
+from tests.conftest import (IN_PROCESS, RESUMED, assert_same_outputs, config,
+                            final_state)
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
-
-
-def config(workload, tmp_path, run, run_id=None, **extra):
-    return RunConfig(model=workload[0], chunks=workload[2][run], state=str(tmp_path / "state"),
-                     outputs=str(tmp_path / "outputs"), run_id=run_id or f"run-{run + 1}",
-                     batch_size=4, window_steps=16, **extra)
 
 
 def run_three(workload, tmp_path, **extra) -> storage.StateStore:
@@ -33,26 +27,6 @@ def run_three(workload, tmp_path, **extra) -> storage.StateStore:
     for run in range(3):
         run_job(config(workload, tmp_path, run, **extra), IN_PROCESS)
     return storage.StateStore(str(tmp_path / "state"))
-
-
-def final_state(state_url):
-    """Everything the committed snapshot carries, as comparable plain values."""
-    return {sid: (s.next_chunk_index, s.steps_seen, [t.tobytes() for t in s.tensors])
-            for sid, s in results.committed_states(state_url).items()}
-
-
-@pytest.fixture(scope="module")
-def never_failed(workload, tmp_path_factory):
-    """Final state and outputs of three runs that never failed."""
-    tmp_path = tmp_path_factory.mktemp("never-failed")
-    state = run_three(workload, tmp_path).url
-    return final_state(state), results.committed_outputs(state)
-
-
-def assert_same_outputs(got, want):
-    assert sorted(got) == sorted(want)
-    for sequence_id in want:
-        np.testing.assert_array_equal(got[sequence_id], want[sequence_id])
 
 
 @pytest.mark.parametrize("stage", storage.FAULT_STAGES)
