@@ -7,7 +7,6 @@ submits, waits and prints the report the job wrote. ``run(argv)`` is the entry p
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import logging
@@ -20,7 +19,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import storage
-from pipeline.options import InputError, RunConfig, add_run_arguments, checked_run_id
+from pipeline.options import (ArgumentParser, InputError, RunConfig, add_run_arguments,
+                              checked_run_id, refuse_unknown)
 from schemas.manifest import new_attempt_id
 from transforms.commit import CommitRun, CommitTarget
 from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
@@ -88,9 +88,10 @@ def plan_run(config: RunConfig) -> RunPlan:
             f"the state in {config.state} was written by model {parent.model_fingerprint}, "
             f"but {config.model} is {stack.fingerprint}; use the model that wrote the state, "
             "or pass --reset-state to restart every sequence's state from zeros")
-    chunk_files = storage.expand_glob(config.chunks)
+    chunk_files = sorted({url for pattern in config.chunks
+                          for url in storage.expand_glob(pattern)})
     if not chunk_files:
-        raise InputError(f"no Parquet files match --chunks {config.chunks}")
+        raise InputError(f"no Parquet files match --chunks {' '.join(config.chunks)}")
     sizes = [storage.parquet_size(url) for url in chunk_files]
     input_rows, input_bytes = sum(rows for rows, _ in sizes), sum(size for _, size in sizes)
     live = parent.sequences if parent else 0
@@ -218,8 +219,8 @@ def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
     return execute(plan, beam_args)
 
 
-def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Beam's options from the command line.
+def pipeline_options(config: RunConfig, beam_args: Sequence[str] = ()) -> PipelineOptions:
+    """Beam's options from the command line, with seqcarry's among them.
 
     ``DirectRunner`` (also Beam's default) runs on Beam's ``FnApiRunner``: the local
     runner the DirectRunner ends up on anyway, without first trying to download the
@@ -227,7 +228,7 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     the runner). ``--runner=PrismRunner`` still asks for Prism explicitly.
     ``DaskRunner``, which Beam only knows by its full name, is accepted as is.
     """
-    options = PipelineOptions(list(beam_args))
+    options = config.pipeline_options(beam_args)
     standard = options.view_as(StandardOptions)
     standard.runner = RUNNER_ALIASES.get(standard.runner, standard.runner)
     return options
@@ -235,7 +236,7 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
 
 def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
     """Submit the job; unless ``--no-wait``, wait for it and return its report."""
-    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    pipeline = beam.Pipeline(options=pipeline_options(plan.config, beam_args))
     build(pipeline, plan)
     store = storage.StateStore(plan.config.state)
     result = None
@@ -305,8 +306,10 @@ def beam_metrics(result: beam.runners.runner.PipelineResult) -> dict[str, Any]:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``seqcarry run`` arguments (unknown ones go to Beam) and run once."""
-    parser = argparse.ArgumentParser(prog="seqcarry run")
+    """Parse ``seqcarry run`` arguments and run once. Arguments seqcarry does not know
+    go to Beam; one that Beam does not know either is an :class:`InputError`."""
+    parser = ArgumentParser(prog="seqcarry run")
     add_run_arguments(parser)
     known, beam_args = parser.parse_known_args(argv)
+    refuse_unknown(beam_args, parser, beam=True)
     return run_job(RunConfig(**vars(known)), beam_args)

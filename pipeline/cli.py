@@ -10,18 +10,35 @@ import traceback
 from typing import Sequence
 
 import storage
-from pipeline.options import (InputError, RunConfig, add_model_arguments, add_model_options,
-                              add_orphan_grace_argument, add_run_arguments, model_options)
+from pipeline.options import (ArgumentParser, InputError, RunConfig, add_model_arguments,
+                              add_model_options, add_orphan_grace_argument,
+                              add_run_arguments, model_options, refuse_unknown)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
 
 RUN_EPILOG = """\
-Any other --flag is a Beam pipeline option and is passed to Beam, for example:
-  --runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2
+Every option also takes Beam's underscore spelling (--batch_size for --batch-size).
+Any other --flag must be a Beam pipeline option (of the installed Beam, runner options
+included) and goes to Beam; one that Beam does not know either is refused (exit 2).
+Beam's options, summarized (Beam's docs have them all):
+  --runner=R                 DirectRunner (default: runs locally), DaskRunner,
+                             FlinkRunner, PortableRunner, PrismRunner, DataflowRunner
+  --direct_running_mode=M --direct_num_workers=N
+                             DirectRunner: in_memory, multi_threading or
+                             multi_processing, with N workers
+  --dask_client_address=HOST:PORT                DaskRunner's scheduler
+  --flink_master=HOST:PORT --environment_type=T --environment_config=C
+                             FlinkRunner; T is LOOPBACK, EXTERNAL, PROCESS or DOCKER
+  --job_endpoint=HOST:PORT   PortableRunner's job service
+  --project --region --temp_location --setup_file=./setup.py
+                             DataflowRunner (see docs/runners.md)
 
 example:
   seqcarry run --model model.keras --chunks 'incoming/*.parquet' \\
       --state state/ --outputs outputs/ --run-id 2026-11-25
+  seqcarry run --model model.keras --chunks incoming/a.parquet incoming/b.parquet \\
+      --state state/ --outputs outputs/ \\
+      --runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2
 """
 
 EXIT_CODES = f"""\
@@ -33,11 +50,11 @@ exit codes: {EXIT_OK} ok, {EXIT_BAD_INPUT} bad input (model, chunk files, option
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="seqcarry",
         description="Run LSTM models over chunked sequences with Apache Beam, carrying each "
                     "sequence's recurrent state across bundles, workers and runs.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback when a command fails")
     parser.add_argument("--quiet", action="store_true",
@@ -47,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str, description: str, example: str,
                 state: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=description,
-                                  epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=f"example:\n  {example}\n\n{EXIT_CODES}")
+        sub.set_defaults(command_parser=sub)
         if state:
             sub.add_argument("--state", required=True, help="state directory or URL")
         return sub
@@ -57,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="apply new chunks to the carried state and commit a new snapshot",
         description="Read new chunks, continue each sequence from its carried state, write "
                     "per-step outputs and commit a new state snapshot.",
-        epilog=RUN_EPILOG + "\n" + EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=RUN_EPILOG + "\n" + EXIT_CODES)
+    run.set_defaults(command_parser=run)
     add_run_arguments(run)
 
     command("snapshots", "list the committed snapshots, newest first",
@@ -232,6 +249,12 @@ def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     arguments, beam_args = _parser().parse_known_args(argv)
+    try:  # only `run` and `demo` pass arguments on to Beam; nothing is dropped
+        refuse_unknown(beam_args, arguments.command_parser,
+                       beam=arguments.command in ("run", "demo"))
+    except InputError as error:
+        print(f"seqcarry: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     # seqcarry's own log lines (planning, progress, commit) as key=value pairs.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -244,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.build import run_job
 
             options = {k: v for k, v in vars(arguments).items()
-                       if k not in ("command", "debug", "quiet")}
+                       if k not in ("command", "command_parser", "debug", "quiet")}
             report = run_job(RunConfig(**options), beam_args)
             print(json.dumps(report, indent=2))
         elif arguments.command == "snapshots":

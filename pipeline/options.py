@@ -1,12 +1,22 @@
-"""seqcarry's own options. Light on purpose: no Beam or TensorFlow import, so
-``seqcarry --help`` answers at once."""
+"""seqcarry's options: the ``seqcarry run`` options as a Beam ``PipelineOptions``
+subclass (:class:`SeqcarryOptions`, so they travel with the job and are visible among
+its options on every runner), the frozen :class:`RunConfig` a run is planned from, and
+strict command lines: every option takes its documented dash spelling and Beam's
+underscore habit (``--batch-size`` and ``--batch_size``), and an argument that neither
+seqcarry nor the installed Beam knows is refused (:func:`refuse_unknown`), never
+dropped. No TensorFlow import, so ``seqcarry --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import datetime
+import difflib
 import re
 from typing import TYPE_CHECKING, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
 
 if TYPE_CHECKING:
     from transforms.model import ModelOptions
@@ -31,9 +41,10 @@ def checked_run_id(run_id: str | None, prefix: str = "") -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What one run reads and writes (the ``seqcarry run`` options)."""
+    """What one run reads and writes (the ``seqcarry run`` options). ``chunks`` takes
+    one path or glob, or several."""
     model: str
-    chunks: str
+    chunks: str | Sequence[str]
     state: str
     outputs: str
     run_id: str | None = None
@@ -51,9 +62,32 @@ class RunConfig:
     tf1_scopes: Sequence[str] = ()
     tf1_forget_bias: float = 1.0
 
+    def __post_init__(self):
+        chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
+        object.__setattr__(self, "chunks", chunks)
+        object.__setattr__(self, "tf1_scopes", tuple(self.tf1_scopes))
+
     def model_options(self) -> "ModelOptions":
         """How to read ``model`` beyond what auto-detection sees (travels to workers)."""
         return model_options(self)
+
+    def pipeline_options(self, beam_args: Sequence[str] = ()) -> PipelineOptions:
+        """Beam's options for this run: ``beam_args`` plus this config, so seqcarry's
+        options are among the job's options (``view_as(SeqcarryOptions)``)."""
+        values = dataclasses.asdict(self)
+        values.update(chunks=list(self.chunks), tf1_scopes=list(self.tf1_scopes))
+        return PipelineOptions(list(beam_args), **values)
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "RunConfig":
+        """The config of parsed pipeline options (:class:`SeqcarryOptions`); a missing
+        required option is an :class:`InputError`."""
+        values = options.view_as(SeqcarryOptions).get_all_options(current_only=True)
+        missing = [f"--{name}" for name in REQUIRED_RUN_OPTIONS if not values.get(name)]
+        if missing:
+            raise InputError(f"{', '.join(missing)} required")
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)
+                      if values.get(field.name) is not None})
 
 
 def model_options(values: "RunConfig | argparse.Namespace") -> "ModelOptions":
@@ -64,9 +98,87 @@ def model_options(values: "RunConfig | argparse.Namespace") -> "ModelOptions":
                                        values.tf1_forget_bias)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+REQUIRED_RUN_OPTIONS = ("model", "chunks", "state", "outputs")
+
+
+def spellings(flag: str) -> tuple[str, ...]:
+    """``flag`` and its underscore spelling (Beam's habit), e.g. ``--batch-size`` and
+    ``--batch_size``; help shows the first only (:class:`HelpFormatter`)."""
+    underscored = "--" + flag[2:].replace("-", "_")
+    return (flag,) if underscored == flag or not flag.startswith("--") else (flag, underscored)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option by its documented dash spelling only."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        shown = copy.copy(action)
+        shown.option_strings = [string for string in action.option_strings
+                                if string.replace("_", "-") == string
+                                or string.replace("_", "-") not in action.option_strings]
+        return super()._format_action_invocation(shown)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """seqcarry's command lines: no abbreviations, every ``--dash-option`` also takes
+    its ``--underscore_option`` spelling, help shows the dash one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *flags: str, **kwargs):
+        named = [name for flag in flags for name in spellings(flag)]
+        return super().add_argument(*dict.fromkeys(named), **kwargs)
+
+
+def option_strings(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every option string ``parser`` takes -> the spelling to suggest for it."""
+    return {string: action.option_strings[0] for action in parser._actions
+            for string in action.option_strings}
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every option the installed Beam knows (runner-specific ones too),
+    built as Beam builds it when it reads a pipeline's options."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    with contextlib.suppress(ImportError):  # registers DaskOptions, when dask is there
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def refuse_unknown(arguments: Sequence[str], parser: argparse.ArgumentParser,
+                   beam: bool = False) -> None:
+    """Raise :class:`InputError` naming the first of ``arguments`` (what ``parser``
+    left over) that nothing knows, with a "did you mean" where one is close. With
+    ``beam``, Beam's pipeline options are known too (they go to Beam)."""
+    known = option_strings(parser)
+    leftover = list(arguments)
+    if beam and leftover:
+        beam_parser = _beam_parser()
+        _, leftover = beam_parser.parse_known_args(leftover)
+        known = option_strings(beam_parser) | known
+    if not leftover:
+        return
+    flags = [argument for argument in leftover if argument.startswith("-")]
+    if not flags:
+        raise InputError(f"unexpected argument {leftover[0]!r} (quote a glob given to "
+                         "--chunks, or list every file after it)")
+    name = flags[0].split("=", 1)[0]
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    raise InputError(f"unknown option {name}" + (f"; did you mean {known[close[0]]}?"
+                                                   if close else ""))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--model`` and what may be needed to read it (``run``, ``inspect-model``...)."""
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=required,
                         help="the model, format detected: a Keras 3 .keras file, a "
                              "SavedModel directory with a 'step' signature, or a checkpoint "
                              "prefix (model.ckpt for model.ckpt.index + .data-*) of "
@@ -76,48 +188,49 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that say how to read a model, beside wherever the model is named."""
-    parser.add_argument("--model-architecture", dest="model_architecture", default=None,
+    parser.add_argument(*spellings("--model-architecture"), dest="model_architecture", default=None,
                         metavar="FILE",
                         help="for a tf.train.Checkpoint: the Keras architecture, as a "
                              ".keras file (its weights are ignored) or a JSON file of "
                              "model.to_json()")
-    parser.add_argument("--tf1-scope", dest="tf1_scopes", action="append", default=[],
+    parser.add_argument(*spellings("--tf1-scope"), dest="tf1_scopes", action="append", default=[],
                         metavar="OLD=NEW",
                         help="for a TF1 checkpoint: read variables named OLD/... as "
                              "NEW/... (repeatable), e.g. encoder/rnn=rnn to pick one of "
                              "several RNNs, or encoder/my_cell=rnn/basic_lstm_cell for a "
                              "renamed cell")
-    parser.add_argument("--tf1-forget-bias", dest="tf1_forget_bias", type=float,
+    parser.add_argument(*spellings("--tf1-forget-bias"), dest="tf1_forget_bias", type=float,
                         default=1.0, metavar="B",
                         help="for a TF1 checkpoint: the forget_bias its LSTM cells were "
                              "built with (not stored in checkpoints; default 1.0, TF1's)")
 
 
 def add_orphan_grace_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--orphan-grace-hours", dest="orphan_grace_hours", type=float,
+    parser.add_argument(*spellings("--orphan-grace-hours"), dest="orphan_grace_hours", type=float,
                         default=24.0, metavar="H",
                         help="files of attempts that never committed are removed only once "
                              "older than H hours, so a job still running keeps its files "
                              "(default 24; make it longer than your longest run)")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """seqcarry's own ``run`` options (everything else is passed to Beam)."""
-    add_model_arguments(parser)
-    parser.add_argument("--chunks", required=True,
-                        help="input chunk Parquet files: a file, a directory or a glob "
-                             "(quote it so the shell does not expand it)")
-    parser.add_argument("--state", required=True,
+def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """seqcarry's own ``run`` options (everything else is passed to Beam).
+    ``required=False`` for Beam's parser, which reads every job's options."""
+    add_model_arguments(parser, required)
+    parser.add_argument("--chunks", required=required, nargs="+", metavar="PATH",
+                        help="input chunk Parquet files: files, directories or globs, one "
+                             "or several (a glob the shell expanded reads every file)")
+    parser.add_argument("--state", required=required,
                         help="state directory (local or gs://): CURRENT, log/, snapshots/ "
                              "and staging/ live here; created on the first run")
-    parser.add_argument("--outputs", required=True,
+    parser.add_argument("--outputs", required=required,
                         help="directory for per-step outputs, written under "
                              "<outputs>/<run_id>/<attempt>/")
-    parser.add_argument("--run-id", dest="run_id", default=None,
+    parser.add_argument(*spellings("--run-id"), dest="run_id", default=None,
                         help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=256,
+    parser.add_argument(*spellings("--batch-size"), dest="batch_size", type=int, default=256,
                         help="sequences run together in one batched computation (default 256)")
-    parser.add_argument("--window-steps", dest="window_steps", type=int, default=256,
+    parser.add_argument(*spellings("--window-steps"), dest="window_steps", type=int, default=256,
                         help="time steps per compiled call; bounds memory (default 256)")
     parser.add_argument("--keep", type=int, default=None, metavar="N",
                         help="after committing, keep the snapshots of the N most recent "
@@ -125,26 +238,36 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "attempts that never committed (see --orphan-grace-hours); "
                              "default: keep all")
     add_orphan_grace_argument(parser)
-    parser.add_argument("--no-wait", dest="no_wait", action="store_true",
+    parser.add_argument(*spellings("--no-wait"), dest="no_wait", action="store_true",
                         help="submit the job and exit without waiting: the job commits by "
                              "itself; its report appears at the printed URL (for runners "
                              "that run without the submitting process, e.g. Dataflow)")
-    parser.add_argument("--allow-non-finite", dest="allow_non_finite", action="store_true",
+    parser.add_argument(*spellings("--allow-non-finite"), dest="allow_non_finite", action="store_true",
                         help="accept NaN and infinite feature values (rejected by default)")
-    parser.add_argument("--reset-state", dest="reset_state", action="store_true",
+    parser.add_argument(*spellings("--reset-state"), dest="reset_state", action="store_true",
                         help="the model changed on purpose: restart the recurrent state of "
                              "every sequence written by another model from zeros (chunk "
                              "numbering continues)")
-    parser.add_argument("--expire-after-runs", dest="expire_after_runs", type=int,
+    parser.add_argument(*spellings("--expire-after-runs"), dest="expire_after_runs", type=int,
                         default=None, metavar="N",
                         help="end sequences that received no chunk in the last N runs: their "
                              "final state is reported and later chunks are rejected")
-    parser.add_argument("--expire-after-days", dest="expire_after_days", type=float,
+    parser.add_argument(*spellings("--expire-after-days"), dest="expire_after_days", type=float,
                         default=None, metavar="D",
                         help="end sequences that received no chunk for D days (as above)")
-    parser.add_argument("--max-layers", dest="max_layers", type=int, default=8, metavar="N",
+    parser.add_argument(*spellings("--max-layers"), dest="max_layers", type=int, default=8, metavar="N",
                         help="a run reads and rewrites only the sequences it has chunks for, "
                              "adding a layer of state files to the snapshot; when the "
                              "snapshot has N layers, the run compacts it: reads and rewrites "
                              "every sequence into one layer (default 8; 1 compacts every "
                              "run). --reset-state and --expire-after-* always compact")
+
+
+class SeqcarryOptions(PipelineOptions):
+    """``seqcarry run``'s options as Beam pipeline options: they travel with the job
+    (Dataflow lists them among its options; a Flex Template can take them as
+    parameters), in either spelling."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_run_arguments(parser, required=False)

@@ -177,4 +177,5 @@ def test_direct_runner_runs_locally_without_fetching_prism(args, runner):
     from apache_beam.options.pipeline_options import StandardOptions
 
     from pipeline.build import pipeline_options
-    assert pipeline_options(args).view_as(StandardOptions).runner == runner
+    config = RunConfig("m.keras", "in/", "state/", "out/")
+    assert pipeline_options(config, args).view_as(StandardOptions).runner == runner
