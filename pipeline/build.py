@@ -256,7 +256,11 @@ def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
         if client is not None:
             client.close()
         if not plan.config.no_wait:
-            store.remove_staging(plan.run_id, plan.attempt)
+            try:  # the job removed it if it committed; a failure here must not hide why
+                store.remove_staging(plan.run_id, plan.attempt)
+            except storage.StorageError as error:
+                _LOG.warning("event=staging_left url=%s reason=%s",
+                             store.staging_url(plan.run_id, plan.attempt), error)
     return store.report(plan.run_id, plan.attempt) | {"metrics": beam_metrics(result)}
 
 
@@ -270,7 +274,8 @@ def outcome_of_failure(plan: RunPlan, store: storage.StateStore,
     except storage.StorageError as error:
         return error
     where = now.snapshot if now else None
-    if where == (plan.run_id, plan.attempt):
+    done = store.committed_attempt(plan.run_id)  # committed, maybe with more on top
+    if where == (plan.run_id, plan.attempt) or (done and done.attempt == plan.attempt):
         return storage.StorageError(
             f"run {plan.run_id} attempt {plan.attempt} was committed (the state is this "
             f"run's), but its job failed after the commit: {str(error).splitlines()[-1]}")

@@ -154,9 +154,28 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as error:
             raise ManifestError(f"not a seqcarry manifest ({type(error).__name__}: "
                                 f"{error})") from error
-        if not isinstance(manifest.counts, dict) or not isinstance(manifest.run_id, str):
-            raise ManifestError("not a seqcarry manifest (counts or run_id of the wrong kind)")
+        wrong = [name for name, value, kinds in manifest._typed_fields()
+                 if not isinstance(value, kinds) or isinstance(value, bool)]
+        if wrong:
+            raise ManifestError(f"not a seqcarry manifest ({', '.join(wrong)} of the wrong "
+                                "kind)")
         return manifest
+
+    def _typed_fields(self):
+        """(name, value, the types it may have) of every field a reader relies on."""
+        text, maybe_text, maybe_int = str, (str, type(None)), (int, type(None))
+        yield from [("run_id", self.run_id, text), ("run_number", self.run_number, int),
+                    ("parent", self.parent, maybe_text), ("created_at", self.created_at, text),
+                    ("model_fingerprint", self.model_fingerprint, text),
+                    ("counts", self.counts, dict), ("attempt", self.attempt, maybe_text),
+                    ("parent_attempt", self.parent_attempt, maybe_text)]
+        yield from (("state_names", name, text) for name in self.state_names)
+        for field in dataclasses.fields(self):
+            if field.name.endswith("_files"):
+                for record in getattr(self, field.name):
+                    yield from [(field.name, record.path, text), (field.name, record.rows, int),
+                                (field.name, record.sha256, text),
+                                (field.name, record.layer, maybe_int)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,8 +101,14 @@ def remove_tree(url: str) -> None:
     """Delete ``url`` and everything below it, if it exists."""
     fs, path = filesystem(url)
     with storage_errors(url, "delete"):
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        if isinstance(fs, LocalFileSystem):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            return
+        # Object by object: an object store's recursive rm expands the path as a glob,
+        # so a path with '[' or ']' would delete nothing.
+        for name in fs.find(path):
+            fs.rm_file(name)
 
 
 def remove_file(url: str) -> None:

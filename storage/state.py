@@ -292,21 +292,38 @@ class StateStore:
                           "this run")
 
     def _swap(self, run_id: str, attempt: str | None, sha256: str,
-              expected: CommitRecord | None, who: str, token: Any = None) -> CommitRecord:
+              expected: CommitRecord | None, who: str, token: Any = None,
+              rollback: bool = False) -> CommitRecord:
+        """Move CURRENT from ``expected`` (or, for a rollback, from the version
+        ``token``) to ``attempt`` of ``run_id``. A prune *touches* CURRENT (rewrites the
+        same bytes) to fence off rollbacks; a commit swaps from a touched but unchanged
+        CURRENT all the same, and finds out if its own swap was done before, even if
+        more commits followed."""
         data, _ = _read_pointer(self._current_url)
         if data is not None and _holds(data, run_id, attempt):
             now = CommitRecord.from_json(parse_json(self._current_url, data))
             self._log(now)  # the swap succeeded before: finish what it started
             return now
-        if expected is not None:
+        if expected is not None and token is None:
             token = expected.token
         sequence = max([expected.sequence if expected else 0]
                        + [record.sequence for record in self._logged()[-1:]]) + 1
         record = CommitRecord(run_id, sha256, attempt, sequence, _now())
-        if not _swap_pointer(self._current_url, token, json_bytes(record.to_json())):
-            now = _read_pointer(self._current_url)[0]
-            moved_to = (CommitRecord.from_json(parse_json(self._current_url, now))
-                        if now else None)
+        swapped = _swap_pointer(self._current_url, token, json_bytes(record.to_json()))
+        while not swapped and not rollback and expected is not None:
+            now, token = _read_pointer(self._current_url)
+            if not (now and _unchanged(now, expected)):
+                break
+            swapped = _swap_pointer(self._current_url, token, json_bytes(record.to_json()))
+        if not swapped:
+            done = None if rollback else self.committed_attempt(run_id)
+            if done is not None and done.attempt == attempt:
+                return done  # it did commit, and another commit followed
+            moved_to = _parsed(_read_pointer(self._current_url)[0])
+            if expected is not None and moved_to == expected:
+                raise StateConflictError(
+                    f"CURRENT was rewritten (by a prune or a repair) while {who} ran; "
+                    f"nothing was changed: run it again")
             raise StateConflictError(
                 f"state moved from {expected.run_id if expected else 'empty'} to "
                 f"{_describe(moved_to)} while {who} ({run_id}, attempt {attempt}) was "
@@ -319,24 +336,26 @@ class StateStore:
         """Point CURRENT at another snapshot that was committed before (an ancestor, or
         one rolled back from), after verifying it. Works with a missing or damaged
         CURRENT too: this is how one is repaired."""
+        # CURRENT is read once: a commit, rollback or prune that moves or touches it
+        # while this one verifies makes the swap fail instead of being overwritten.
         data, token = _read_pointer(self._current_url)
         if data is not None and _holds(data, run_id):
             raise StateConflictError(f"{run_id} is already the committed snapshot")
+        try:
+            expected = self.current() if data is not None else None
+        except IntegrityError:  # missing or damaged: swapped from the version read
+            expected = None
         record = self._available(run_id)
-        if record is None:
+        if record is None or exists(self._retired_url(*record.snapshot)):
             raise StateConflictError(
                 f"{run_id} is not a committed snapshot of {self.url} (or --keep removed "
                 f"it); `seqcarry snapshots --state {self.url}` lists them")
         manifest = self.verify(run_id)
-        try:
-            expected = self.current()
-        except IntegrityError:  # missing or damaged: swapped from the version read
-            expected = None
         if expected is not None and exists(self.manifest_url(*expected.snapshot)):
             self._log(expected)  # a real commit, maybe killed before its log entry
         self._swap(run_id, record.attempt, record.manifest_sha256 or hashlib.sha256(
             read_bytes(self.manifest_url(*record.snapshot))).hexdigest(),
-            expected, "this rollback", token)
+            expected, "this rollback", token, rollback=True)
         return manifest
 
     def remove_staging(self, run_id: str, attempt: str) -> None:
@@ -368,13 +387,16 @@ class StateStore:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.committed()  # a missing or damaged CURRENT stops retention here
-        # Newest first: the commit log, then snapshots from before the log.
+        start, start_token = _read_pointer(self._current_url)
+        # Newest first: the commit log, then snapshots from before the log (its
+        # lineage first, then any other committed one, e.g. rolled back from).
         recent = [record.snapshot for record in reversed(self.commits())] + [
             (manifest.run_id, None) for manifest in self.lineage()
-            if manifest.attempt is None]
+            if manifest.attempt is None] + self._legacy_committed()
         kept: list[Snapshot] = []
-        for snapshot in recent:
-            if snapshot not in kept and len(kept) < keep:
+        for snapshot in recent:  # retired ones are gone for good, even if recent
+            if (snapshot not in kept and len(kept) < keep
+                    and exists(self.manifest_url(*snapshot))):
                 kept.append(snapshot)
         committed = set(recent)
         retired_now = []
@@ -388,9 +410,13 @@ class StateStore:
         in_use = {file_key(record.path) for snapshot in kept
                   for manifest in [self.manifest(*snapshot)]
                   for record in manifest.state_files + manifest.pending_files}
-        pointer = self.current()
-        if pointer is not None and pointer.snapshot not in kept:
-            return retired_now  # a rollback moved CURRENT meanwhile: delete nothing now
+        # The fence: rewrite CURRENT's same bytes, so that a rollback that read it
+        # before the markers were written fails its swap. If CURRENT moved since this
+        # prune began (a rollback, maybe to a snapshot retired here), delete nothing:
+        # the next prune will, from the state it finds.
+        if start is not None and not _swap_pointer(self._current_url, start_token, start,
+                                                   lost_reply_ok=False):
+            return retired_now
         cutoff = (datetime.datetime.now(datetime.timezone.utc)
                   - datetime.timedelta(seconds=grace_seconds))
         for snapshot in self._snapshot_folders():
@@ -408,6 +434,14 @@ class StateStore:
                 if snapshot not in committed and _older_than(snapshot[1], cutoff):
                     _remove_folder(join(outputs_url, outputs_dir(*snapshot)))
         return retired_now
+
+    def _legacy_committed(self) -> list[Snapshot]:
+        """Snapshots committed before the commit log (a manifest in the run's folder
+        and a report in ``runs/``), newest run number first."""
+        runs = list_names(join(self.url, "runs"))[0]
+        found = [(self.manifest(run_id, None).run_number, run_id) for run_id in runs
+                 if exists(self.manifest_url(run_id, None))]
+        return [(run_id, None) for _, run_id in sorted(found, reverse=True)]
 
     def _snapshot_folders(self) -> list[Snapshot]:
         """Every snapshot folder: an attempt's, or a run's from before attempts."""
@@ -462,13 +496,25 @@ def _describe(record: CommitRecord | None) -> str:
     return f"{record.run_id} (attempt {record.attempt})" if record else "empty"
 
 
+def _parsed(data: bytes | None) -> CommitRecord | None:
+    """CURRENT's bytes as a record; None if absent or damaged."""
+    try:
+        return CommitRecord.from_json(parse_json("CURRENT", data)) if data else None
+    except (ManifestError, IntegrityError):
+        return None
+
+
 def _holds(data: bytes, run_id: str, attempt: str | None = ...) -> bool:
     """Whether CURRENT's bytes name ``run_id`` (and ``attempt``, when given)."""
-    try:
-        record = CommitRecord.from_json(parse_json("CURRENT", data))
-    except (ManifestError, IntegrityError):
-        return False
-    return record.run_id == run_id and (attempt is ... or record.attempt == attempt)
+    record = _parsed(data)
+    return (record is not None and record.run_id == run_id
+            and (attempt is ... or record.attempt == attempt))
+
+
+def _unchanged(data: bytes, expected: CommitRecord) -> bool:
+    """Whether CURRENT's bytes still say exactly what ``expected`` said (a prune may
+    have rewritten them, which changes only the token)."""
+    return _parsed(data) == expected
 
 
 def _older_than(attempt: str | None, cutoff: datetime.datetime) -> bool:
@@ -511,15 +557,18 @@ def _gcs_blob(path: str):
 
 @contextlib.contextmanager
 def _gcs_errors(url: str, doing: str) -> Iterator[None]:
-    """google-cloud-storage's permanent errors as one clear StorageError (it retries
-    transient ones itself: 429, 5xx, and conditional uploads)."""
+    """google-cloud-storage's errors as one clear StorageError (it retries transient
+    ones itself first: 429, 5xx, and conditional uploads)."""
+    import requests
     from google.api_core import exceptions
+    from google.auth import exceptions as auth_exceptions
 
     try:
         yield
-    except exceptions.GoogleAPICallError as error:
+    except (exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError,
+            requests.RequestException) as error:  # retries exhausted, no credentials...
         raise StorageError(f"cannot {doing} {url}: {type(error).__name__}: "
-                           f"{str(error).splitlines()[0]}") from error
+                           f"{(str(error).splitlines() or [''])[0]}") from error
 
 
 def _read_pointer(url: str) -> tuple[bytes | None, Any]:
@@ -541,10 +590,13 @@ def _read_pointer(url: str) -> tuple[bytes | None, Any]:
                     continue  # it moved between the two calls: read it again
     with storage_errors(url, "read"):
         try:
-            data = fs.cat_file(path)
+            with open(path, "rb") as handle:  # the bytes and the inode of one version
+                data, status = handle.read(), os.fstat(handle.fileno())
         except FileNotFoundError:
             return None, None
-    return data, data
+    # Every write is a new file renamed into place: a rewrite of the same bytes
+    # (a prune's fence) still changes the token.
+    return data, (data, status.st_ino, status.st_mtime_ns)
 
 
 @contextlib.contextmanager
@@ -559,11 +611,12 @@ def _local_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _swap_pointer(url: str, token: Any, data: bytes) -> bool:
+def _swap_pointer(url: str, token: Any, data: bytes, lost_reply_ok: bool = True) -> bool:
     """Replace CURRENT with ``data`` if it is still the version ``token`` (None: absent).
 
-    Returns False, changing nothing, if it is not. A swap whose reply was lost and
-    whose retry then hit the precondition counts as done: CURRENT holds ``data``.
+    Returns False, changing nothing, if it is not. With ``lost_reply_ok``, a swap
+    whose reply was lost and whose retry then hit the precondition counts as done:
+    CURRENT holds ``data``.
     """
     fs, path = filesystem(url)
     if is_gcs(fs):
@@ -581,4 +634,4 @@ def _swap_pointer(url: str, token: Any, data: bytes) -> bool:
             swapped = _read_pointer(url)[1] == token
             if swapped:
                 write_bytes(url, data)
-    return swapped or _read_pointer(url)[0] == data
+    return swapped or (lost_reply_ok and _read_pointer(url)[0] == data)

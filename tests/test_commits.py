@@ -50,7 +50,7 @@ def cli(*args, env=None, timeout=300):
 
 def run_args(cfg, *extra):
     """``seqcarry run`` arguments for a RunConfig (in-process DirectRunner)."""
-    return ["run", "--model", cfg.model, "--chunks", cfg.chunks, "--state", cfg.state,
+    return ["run", "--model", cfg.model, "--chunks", *cfg.chunks, "--state", cfg.state,
             "--outputs", cfg.outputs, "--run-id", cfg.run_id, "--batch-size",
             str(cfg.batch_size), "--window-steps", str(cfg.window_steps), *extra, *IN_PROCESS]
 

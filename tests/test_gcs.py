@@ -69,7 +69,7 @@ def test_a_run_killed_on_gcs_leaves_the_committed_snapshot_intact(workload, buck
     run_job(gs_config(model, directories[0], bucket, "run-1"), IN_PROCESS)
     config = gs_config(model, directories[1], bucket, "run-2")
     died = subprocess.run(
-        [SEQCARRY, "run", "--model", model, "--chunks", config.chunks, "--state",
+        [SEQCARRY, "run", "--model", model, "--chunks", *config.chunks, "--state",
          config.state, "--outputs", config.outputs, "--run-id", "run-2", "--batch-size", "4",
          "--window-steps", "16", *IN_PROCESS],
         env=os.environ | {storage.FAULT_ENV: f"{stage}:kill"}, capture_output=True)

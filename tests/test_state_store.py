@@ -40,7 +40,7 @@ def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed
 
     if action == "kill":  # SIGKILL of the whole run, in its own process
         died = subprocess.run(
-            [SEQCARRY, "run", "--model", failing.model, "--chunks", failing.chunks,
+            [SEQCARRY, "run", "--model", failing.model, "--chunks", *failing.chunks,
              "--state", failing.state, "--outputs", failing.outputs, "--run-id", "run-2",
              "--batch-size", "4", "--window-steps", "16", *IN_PROCESS],
             env=os.environ | {storage.FAULT_ENV: f"{stage}:kill"}, capture_output=True)

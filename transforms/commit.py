@@ -93,10 +93,10 @@ def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
     started = time.perf_counter()
     store.commit(target.run_id, target.attempt, target.parent)
     storage.fault_point("after_commit")
-    store.remove_staging(target.run_id, target.attempt)  # every chunk was read by now
     report = make_report(manifest, target, time.time() - target.planned_at)
     report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
     store.write_report(target.run_id, target.attempt, report)
+    store.remove_staging(target.run_id, target.attempt)  # every chunk was read by now
     _LOG.info("event=committed run_id=%s attempt=%s chunks_processed=%d steps=%d",
               target.run_id, target.attempt, report["chunks_processed"],
               report["steps_processed"])
