@@ -42,5 +42,5 @@ setup(
                  # `tensorflow` package of its own minor beside tensorflow-cpu
                  "tf-keras>=2.16,<3"],
     },
-    entry_points={"console_scripts": ["seqcarry=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["seqcarry=pipeline.cli:entry_point"]},
 )

@@ -337,3 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"seqcarry: error: {known[1] if known else error}", file=sys.stderr)
         return known[0] if known else 1
+
+
+def entry_point() -> None:
+    """The ``seqcarry`` command: :func:`main`, then exit without the interpreter's
+    teardown. Once the work is done and the output flushed, nothing is left to clean
+    up, while C++ threads of TensorFlow, gRPC (Beam) or Arrow racing the teardown
+    sometimes abort the process ("terminate called without an active exception",
+    exit 134) after it has printed its result."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

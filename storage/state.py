@@ -229,8 +229,7 @@ class StateStore:
         """Whether ``run_id`` was ever committed here (even if ``--keep`` removed its
         snapshot since: newer snapshots may share its files)."""
         return (self.committed_attempt(run_id) is not None
-                or exists(self.report_url(run_id, None))  # before the commit log
-                or exists(self._retired_url(run_id, None)))
+                or exists(self._retired_url(run_id, None)))  # retired before the log
 
     def verify(self, run_id: str | None = None) -> Manifest:
         """Check a snapshot (default: the committed one) file by file: present, sha256

@@ -21,6 +21,7 @@ import storage
 from pipeline import results
 from pipeline.build import execute, plan_run, run_job
 from schemas import outputs_from_table
+from transforms.commit import commit_run
 from tests.conftest import IN_PROCESS, RESUMED, assert_same_outputs, config, final_state
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
@@ -234,15 +235,18 @@ def parent_attempt(store):
 
 # --- 3. the commit step retried after its swap --------------------------------------------
 
-def test_the_commit_step_retried_after_its_swap_succeeds_and_changes_nothing(
-        workload, tmp_path, never_failed):
-    from transforms.commit import commit_run
-
+def run_2_committed(workload, tmp_path):
+    """run-1, then run-2 through plan and execute: (state, run-2's plan, its store)."""
     state = str(tmp_path / "state")
     run_job(config(workload, tmp_path, 0), IN_PROCESS)
     plan = plan_run(config(workload, tmp_path, 1))
     execute(plan, IN_PROCESS)
-    store = storage.StateStore(state)
+    return state, plan, storage.StateStore(state)
+
+
+def test_the_commit_step_retried_after_its_swap_succeeds_and_changes_nothing(
+        workload, tmp_path, never_failed):
+    state, plan, store = run_2_committed(workload, tmp_path)
     current_bytes = open(os.path.join(state, "CURRENT"), "rb").read()
     log_before = sorted(os.listdir(os.path.join(state, "log")))
     report_before = storage.read_json(store.report_url("run-2", plan.attempt))
@@ -265,13 +269,7 @@ def test_the_commit_step_retried_after_its_swap_succeeds_and_changes_nothing(
 def test_the_commit_step_retried_after_its_swap_but_before_its_log_entry(
         workload, tmp_path, never_failed):
     """A commit killed between the swap and the log entry: the retry writes the entry."""
-    from transforms.commit import commit_run
-
-    state = str(tmp_path / "state")
-    run_job(config(workload, tmp_path, 0), IN_PROCESS)
-    plan = plan_run(config(workload, tmp_path, 1))
-    execute(plan, IN_PROCESS)
-    store = storage.StateStore(state)
+    state, plan, store = run_2_committed(workload, tmp_path)
     sequence = store.current().sequence
     entry = os.path.join(state, "log", f"{sequence:010d}.json")
     saved = open(entry, "rb").read()
