@@ -215,8 +215,28 @@ def run_job(config: RunConfig, beam_args: Sequence[str] = ()) -> dict:
     """Run once: plan, then run the job, which reads, computes, writes and commits.
     Returns the run report the job wrote (with Beam's metrics, where the runner has
     them); with ``--no-wait``, what was submitted and where its report will be."""
+    check_paths_reach_workers(config, beam_args)
     plan = plan_run(config)
     return execute(plan, beam_args)
+
+
+# Runners whose workers run on other machines: they cannot read the launcher's disk.
+REMOTE_RUNNERS = ("DataflowRunner",)
+
+
+def check_paths_reach_workers(config: RunConfig, beam_args: Sequence[str]) -> None:
+    """Refuse local paths for a runner whose workers run elsewhere (an InputError:
+    the job would fail on its workers, or commit nothing, long after submission)."""
+    runner = pipeline_options(config, beam_args).view_as(StandardOptions).runner
+    if runner not in REMOTE_RUNNERS:
+        return
+    named = [("--model", config.model), *(("--chunks", path) for path in config.chunks),
+             ("--state", config.state), ("--outputs", config.outputs),
+             ("--model-architecture", config.model_architecture)]
+    local = [f"{option} {path}" for option, path in named if path and "://" not in path]
+    if local:
+        raise InputError(f"{runner}'s workers cannot read this machine's files: "
+                         f"{', '.join(local)}; use gs:// paths")
 
 
 def pipeline_options(config: RunConfig, beam_args: Sequence[str] = ()) -> PipelineOptions:

@@ -105,3 +105,16 @@ def test_every_command_is_as_strict(small, tmp_path):
         done = seqcarry(*args)
         assert (done.returncode, error_line(done)) == (2, f"seqcarry: error: {said}")
     assert storage.StateStore(state).current().run_id == "r2"  # rollback never ran
+
+
+def test_local_paths_are_refused_for_a_runner_whose_workers_run_elsewhere(small, tmp_path):
+    model, files = small
+    done = seqcarry("run", "--model", model, "--chunks", files[0], "--state",
+                    str(tmp_path / "state"), "--outputs", "gs://bucket/out",
+                    "--runner=DataflowRunner", "--project=p", "--region=europe-west1",
+                    "--temp_location=gs://bucket/tmp")
+    assert done.returncode == 2
+    assert error_line(done) == (
+        f"seqcarry: error: DataflowRunner's workers cannot read this machine's files: "
+        f"--model {model}, --chunks {files[0]}, --state {tmp_path / 'state'}; use gs:// paths")
+    assert not os.path.exists(tmp_path / "state")
