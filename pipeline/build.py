@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 import storage
 from pipeline.options import (ArgumentParser, InputError, RunConfig, add_run_arguments,
-                              checked_run_id, refuse_unknown)
+                              check_retention, checked_run_id, refuse_unknown)
 from schemas.manifest import new_attempt_id
 from transforms.commit import CommitRun, CommitTarget
 from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
@@ -72,10 +72,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             or config.expire_after_days is not None and config.expire_after_days <= 0):
         raise InputError("--expire-after-runs must be at least 1 and --expire-after-days "
                          "more than 0")
-    if config.keep is not None and config.keep < 1:
-        raise InputError(f"--keep {config.keep}: keep at least 1 snapshot (the current one)")
-    if not 0 < config.orphan_grace_hours < math.inf:
-        raise InputError("--orphan-grace-hours must be a number of hours above 0")
+    check_retention(config.keep, config.orphan_grace_hours)
     store = storage.StateStore(config.state)  # refuses a --state without atomic swaps
     storage.check_location(config.state, "--state")
     storage.check_location(config.outputs, "--outputs")

@@ -12,7 +12,8 @@ from typing import Sequence
 import storage
 from pipeline.options import (ArgumentParser, InputError, RunConfig, add_model_arguments,
                               add_model_options, add_orphan_grace_argument,
-                              add_run_arguments, model_options, refuse_unknown)
+                              add_run_arguments, check_retention, model_options,
+                              refuse_unknown)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
 
@@ -285,9 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.rollback(arguments.to)
             print(f"CURRENT moved from {before} to {arguments.to}")
         elif arguments.command == "gc":
-            if arguments.keep < 1 or not 0 < arguments.orphan_grace_hours < float("inf"):
-                raise InputError("--keep must be at least 1 and --orphan-grace-hours a "
-                                 "number of hours above 0")
+            check_retention(arguments.keep, arguments.orphan_grace_hours)
             retired = storage.StateStore(arguments.state).prune(
                 arguments.keep, arguments.outputs, arguments.orphan_grace_hours * 3600)
             print(f"retired {len(retired)} snapshot(s): {', '.join(retired) or '-'}")

@@ -205,6 +205,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "built with (not stored in checkpoints; default 1.0, TF1's)")
 
 
+def check_retention(keep: int | None, orphan_grace_hours: float) -> None:
+    """``--keep`` and ``--orphan-grace-hours`` as ``run`` and ``gc`` take them."""
+    if keep is not None and keep < 1:
+        raise InputError(f"--keep {keep}: keep at least 1 snapshot (the current one)")
+    if not 0 < orphan_grace_hours < float("inf"):
+        raise InputError("--orphan-grace-hours must be a number of hours above 0")
+
+
 def add_orphan_grace_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(*spellings("--orphan-grace-hours"), dest="orphan_grace_hours", type=float,
                         default=24.0, metavar="H",
