@@ -12,7 +12,7 @@ from typing import Sequence
 import storage
 from pipeline.options import (ArgumentParser, InputError, RunConfig, add_model_arguments,
                               add_model_options, add_orphan_grace_argument,
-                              add_run_arguments, check_retention, model_options,
+                              add_run_arguments, model_options,
                               refuse_unknown)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
@@ -227,7 +227,7 @@ def _snapshots_table(store: storage.StateStore) -> str:
                      for row in rows)
 
 
-def _classify(error: BaseException | None) -> tuple[int, BaseException] | None:
+def classify_error(error: BaseException | None) -> tuple[int, BaseException] | None:
     """The exit code and the seqcarry error found in ``error``'s cause chain.
 
     Runners wrap what a DoFn raised; None means no seqcarry error is behind it (a bug).
@@ -265,12 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(logging.WARNING if arguments.quiet else logging.INFO)
     try:
         if arguments.command == "run":
-            from pipeline.build import run_job
+            from pipeline.build import run_job, summary_line
 
             options = {k: v for k, v in vars(arguments).items()
                        if k not in ("command", "command_parser", "debug", "quiet")}
             report = run_job(RunConfig(**options), beam_args)
             print(json.dumps(report, indent=2))
+            print(summary_line(report), file=sys.stderr)
         elif arguments.command == "snapshots":
             print(_snapshots_table(storage.StateStore(arguments.state)))
         elif arguments.command == "verify":
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.rollback(arguments.to)
             print(f"CURRENT moved from {before} to {arguments.to}")
         elif arguments.command == "gc":
-            check_retention(arguments.keep, arguments.orphan_grace_hours)
+            storage.check_retention(arguments.keep, arguments.orphan_grace_hours)
             retired = storage.StateStore(arguments.state).prune(
                 arguments.keep, arguments.outputs, arguments.orphan_grace_hours * 3600)
             print(f"retired {len(retired)} snapshot(s): {', '.join(retired) or '-'}")
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         return EXIT_OK
     except Exception as error:  # one clear line for people; --debug for the traceback
-        known = _classify(error)
+        known = classify_error(error)
         if arguments.debug or known is None:
             traceback.print_exc()
         print(f"seqcarry: error: {known[1] if known else error}", file=sys.stderr)

@@ -19,9 +19,9 @@ import zipfile
 import numpy as np
 
 import storage
-from pipeline.options import InputError, checked_run_id
+from pipeline.options import InputError
 from schemas import CarriedState, states_to_table
-from schemas.manifest import new_attempt_id
+from schemas.manifest import checked_run_id, new_attempt_id
 from transforms.model import ModelOptions, load_model
 
 _OPTIONAL = ("next_chunk_index", "steps_seen")

@@ -11,32 +11,15 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
 import difflib
-import re
 from typing import TYPE_CHECKING, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from schemas.contract import InputError
+
 if TYPE_CHECKING:
     from transforms.model import ModelOptions
-
-
-class InputError(ValueError):
-    """The run's inputs cannot be used as given (no files, wrong model for the state...)."""
-
-
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def checked_run_id(run_id: str | None, prefix: str = "") -> str:
-    """``run_id`` if it is a valid name, or ``prefix`` + the UTC time when None."""
-    run_id = run_id or prefix + datetime.datetime.now(
-        datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    if not _RUN_ID.match(run_id):
-        raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
-                         "(at most 128, starting with a letter or digit)")
-    return run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,14 +186,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         default=1.0, metavar="B",
                         help="for a TF1 checkpoint: the forget_bias its LSTM cells were "
                              "built with (not stored in checkpoints; default 1.0, TF1's)")
-
-
-def check_retention(keep: int | None, orphan_grace_hours: float) -> None:
-    """``--keep`` and ``--orphan-grace-hours`` as ``run`` and ``gc`` take them."""
-    if keep is not None and keep < 1:
-        raise InputError(f"--keep {keep}: keep at least 1 snapshot (the current one)")
-    if not 0 < orphan_grace_hours < float("inf"):
-        raise InputError("--orphan-grace-hours must be a number of hours above 0")
 
 
 def add_orphan_grace_argument(parser: argparse.ArgumentParser) -> None:

@@ -2,14 +2,15 @@
 and validation of input records."""
 from schemas.contract import (CHUNK_SCHEMA, DEAD_LETTER_SCHEMA, DIGEST_BYTES, OUTPUT_SCHEMA,
                               PENDING_SCHEMA, CarriedState, Chunk, ChunkOutput,
-                              ContractError, DeadLetter, chunks_from_table, chunks_to_table,
+                              ContractError, DeadLetter,
+                              InputError, chunks_from_table, chunks_to_table,
                               dead_letters_to_table, matrices_from_array, matrix_array,
                               outputs_from_table, outputs_to_table, state_schema,
                               states_from_table, states_to_table)
 
 __all__ = [
     "CHUNK_SCHEMA", "DEAD_LETTER_SCHEMA", "DIGEST_BYTES", "OUTPUT_SCHEMA", "PENDING_SCHEMA",
-    "CarriedState", "Chunk", "ChunkOutput", "ContractError", "DeadLetter",
+    "CarriedState", "Chunk", "ChunkOutput", "ContractError", "DeadLetter", "InputError",
     "chunks_from_table", "chunks_to_table", "dead_letters_to_table", "matrices_from_array",
     "matrix_array", "outputs_from_table", "outputs_to_table", "state_schema",
     "states_from_table", "states_to_table",

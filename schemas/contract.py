@@ -161,6 +161,11 @@ class DeadLetter:
     record: str
 
 
+class InputError(ValueError):
+    """A run's inputs cannot be used as given (no files, a bad option value, the wrong
+    model for the state...): the user's to fix, exit code 2."""
+
+
 class ContractError(ValueError):
     """A file does not follow the data contract (missing column, wrong type, bad shape)."""
 

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import secrets
 from typing import Any, Iterable
+
+from schemas.contract import InputError
 
 SNAPSHOT_FILE_KINDS = ("state_files", "pending_files")  # a snapshot's own data files
 RETIRED = "RETIRED"  # marks a snapshot removed by --keep whose files may still be shared
@@ -52,6 +55,19 @@ def attempt_started_at(attempt: str) -> datetime.datetime | None:
         return None
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def checked_run_id(run_id: str | None, prefix: str = "") -> str:
+    """``run_id`` if it is a valid name, or ``prefix`` + the UTC time when None."""
+    run_id = run_id or prefix + datetime.datetime.now(
+        datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    if not _RUN_ID.match(run_id):
+        raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
+                         "(at most 128, starting with a letter or digit)")
+    return run_id
+
+
 def snapshot_dir(run_id: str, attempt: str | None) -> str:
     """An attempt's snapshot folder, relative to the state root."""
     return "/".join(["snapshots", run_id] + ([attempt] if attempt else []))
@@ -64,6 +80,22 @@ def staging_dir(run_id: str, attempt: str) -> str:
 def outputs_dir(run_id: str, attempt: str | None) -> str:
     """An attempt's folder under ``--outputs``."""
     return "/".join([run_id] + ([attempt] if attempt else []))
+
+
+def snapshot_file_name(kind: str, shard: int, shards: int) -> str:
+    """A snapshot data file's name: ``kind`` (``state`` or ``pending``) of the sequences
+    whose stable hash modulo ``shards`` is ``shard``."""
+    return f"{kind}-{shard:05d}-of-{shards:05d}.parquet"
+
+
+_SHARD_NAME = re.compile(r"(?:^|/)(?:state|pending)-(\d+)-of-(\d+)\.parquet$")
+
+
+def shard_of_file(path: str) -> tuple[int, int] | None:
+    """(shard, shards) of a snapshot file named by :func:`snapshot_file_name`, or None
+    for a name that does not say (a file written before sharding was fixed)."""
+    found = _SHARD_NAME.search(path)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def log_name(sequence: int) -> str:

@@ -5,8 +5,9 @@ and none reaches the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +37,47 @@ def record_json(record: dict) -> str:
     return json.dumps(record, default=str, allow_nan=True)
 
 
+# Where records come from when the element that held them does not say (a user's
+# PCollection of dicts or tables): dead letters name this as their source.
+UNNAMED_SOURCE = "pcollection"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkRows:
+    """Chunk records read together: a table with the columns of
+    :data:`~schemas.contract.CHUNK_SCHEMA` (as any types: they are validated), where
+    they were read, and the number of the table's first row there (None if unknown)."""
+    table: pa.Table
+    source: str = UNNAMED_SOURCE
+    first_row: int | None = 0
+
+
+def as_chunk_rows(element: Any) -> ChunkRows | DeadLetter:
+    """One element of a PCollection of chunk records as :class:`ChunkRows`: a
+    ``ChunkRows``, an Arrow table or record batch, or one record as a dict (what Beam's
+    ``ReadFromParquet`` and ``ReadFromBigQuery`` yield). Anything else, or a dict Arrow
+    cannot hold, is a dead letter."""
+    if isinstance(element, ChunkRows):
+        return element
+    if isinstance(element, pa.RecordBatch):
+        element = pa.Table.from_batches([element])
+    if isinstance(element, pa.Table):
+        return ChunkRows(element, UNNAMED_SOURCE, None)
+    if isinstance(element, dict):
+        record = {key: value.tolist() if isinstance(value, np.ndarray) else value
+                  for key, value in element.items()}
+        try:
+            return ChunkRows(pa.Table.from_pylist([record]), UNNAMED_SOURCE, None)
+        except (pa.ArrowException, TypeError, ValueError) as error:
+            message = f"the record's values cannot be read as columns: {error}"
+    else:
+        message = (f"a chunk record must be a dict, an Arrow table or a record batch, not "
+                   f"{type(element).__name__}")
+        record = {"element": repr(element)[:10_000]}
+    return DeadLetter(UNNAMED_SOURCE, None, None, None, WRONG_TYPE, message,
+                      record_json(record))
+
+
 def chunk_dead_letter(chunk: Chunk, reason: str, message: str) -> DeadLetter:
     """The dead letter of a valid chunk rejected later (duplicate, closed sequence)."""
     return DeadLetter(chunk.source, chunk.row, chunk.sequence_id, chunk.chunk_index, reason,
@@ -54,11 +96,13 @@ def _is_numeric_matrix(data_type: pa.DataType) -> bool:
 
 def validate_chunks(table: pa.Table, source: str, input_dim: int,
                     allow_non_finite: bool = False, arrived_in_run: str = "",
-                    vocabulary: int | None = None) -> tuple[list[Chunk], list[DeadLetter]]:
-    """Split an input file's rows into valid chunks and dead letters.
+                    vocabulary: int | None = None, first_row: int | None = 0
+                    ) -> tuple[list[Chunk], list[DeadLetter]]:
+    """Split rows of an input file into valid chunks and dead letters.
 
     Each row gets the first problem found, checked in the order of
-    :data:`READ_REASONS`. ``source`` names the file in every dead letter. With a
+    :data:`READ_REASONS`. ``source`` names the file in every dead letter, and each row
+    is numbered from ``first_row`` (None: rows are not numbered). With a
     ``vocabulary`` (a model that starts with an embedding), every value must be a
     token id: a whole number in [0, vocabulary).
     """
@@ -150,12 +194,13 @@ def validate_chunks(table: pa.Table, source: str, input_dim: int,
 
     chunks, letters = [], []
     for row in range(rows):
+        number = None if first_row is None else first_row + row
         if problems[row] is None:
             chunks.append(Chunk(ids[row], int(indexes[row]), matrices[row],
-                                bool(is_last[row]), arrived_in_run, source, row))
+                                bool(is_last[row]), arrived_in_run, source, number))
         else:
             reason, message = problems[row]
             index = indexes[row] if isinstance(indexes[row], int) else None
-            letters.append(DeadLetter(source, row, ids[row] or None, index, reason, message,
+            letters.append(DeadLetter(source, number, ids[row] or None, index, reason, message,
                                       record_json(table.slice(row, 1).to_pylist()[0])))
     return chunks, letters

@@ -3,22 +3,23 @@
 (:mod:`storage.state`), and the fault points tests use (:mod:`storage.faults`)."""
 from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
 from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
-from storage.files import (IntegrityError, StorageError, check_location, distinct_values,
-                           exists, expand_glob, join, list_names, local_copy,
-                           local_copy_checkpoint, parquet_size, read_bytes, read_json,
-                           read_table, read_table_at, remove_file, remove_tree, write_json,
-                           write_table, write_tables)
+from storage.files import (IntegrityError, StorageError, check_location, exists,
+                           expand_glob, iter_parquet, join, list_files, list_names,
+                           local_copy, local_copy_checkpoint, read_bytes, read_ipc_rows,
+                           read_json, read_table, remove_file, remove_tree, write_ipc,
+                           write_json, write_table)
 from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, StateStore,
-                           UnsupportedLocation, file_key,
+                           UnsupportedLocation, check_retention, file_key,
                            read_json_object, run_file_url)
 
 __all__ = [
     "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
     "StateStore", "StorageError", "UnsupportedLocation", "check_location",
-    "distinct_values", "exists", "expand_glob", "fault_point",
-    "file_key", "join", "list_names", "local_copy", "local_copy_checkpoint",
-    "newest_layer", "parquet_size", "read_bytes", "read_json", "read_json_object",
-    "read_table", "read_table_at", "remove_file", "remove_tree", "run_file_url",
-    "write_json", "write_table", "write_tables",
+    "check_retention",
+    "exists", "expand_glob", "fault_point", "file_key", "iter_parquet", "join",
+    "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",
+    "read_bytes", "read_ipc_rows", "read_json", "read_json_object", "read_table",
+    "remove_file", "remove_tree", "run_file_url", "write_ipc", "write_json",
+    "write_table",
 ]

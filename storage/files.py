@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -71,13 +71,22 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def expand_glob(pattern: str) -> list[str]:
-    """Files matching ``pattern`` (a path, directory or glob), sorted."""
+def list_files(pattern: str) -> list[tuple[str, int]]:
+    """Files matching ``pattern`` (a path, directory or glob) with their sizes in bytes,
+    sorted, from one listing: no file is opened (on an object store, a few paginated
+    list requests however many files there are)."""
     fs, path = filesystem(pattern)
     with storage_errors(pattern, "list"):
         if fs.isdir(path):
             path = join(path, "**", "*.parquet")
-        return sorted(url_of(fs, p) for p in fs.glob(path) if not fs.isdir(p))
+        found = fs.glob(path, detail=True)
+    return sorted((url_of(fs, name), int(info.get("size") or 0))
+                  for name, info in found.items() if info.get("type") != "directory")
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Files matching ``pattern`` (a path, directory or glob), sorted."""
+    return [url for url, _ in list_files(pattern)]
 
 
 def exists(url: str) -> bool:
@@ -262,42 +271,44 @@ def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
     return table
 
 
-def parquet_size(url: str) -> tuple[int, int]:
-    """Rows and uncompressed bytes of a Parquet file, from its footer only."""
+def iter_parquet(url: str, batch_bytes: int) -> Iterator[tuple[int, pa.Table]]:
+    """A Parquet file's rows in batches of about ``batch_bytes`` (uncompressed), each
+    with the number of its first row: never the whole file in memory."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
-        metadata = pq.ParquetFile(handle).metadata
-    return metadata.num_rows, sum(metadata.row_group(group).total_byte_size
-                                  for group in range(metadata.num_row_groups))
-
-
-def distinct_values(urls: Sequence[str], column: str) -> set:
-    """The distinct values of ``column`` over Parquet files (files without it add none)."""
-    values = set()
-    for url in urls:
-        fs, path = filesystem(url)
-        with storage_errors(url, "read"), fs.open(path, "rb") as handle:
+    with storage_errors(url, "read"), fs.open(path, "rb") as handle:
+        try:
             parquet = pq.ParquetFile(handle)
-            if column in parquet.schema_arrow.names:
-                values.update(parquet.read(columns=[column]).column(column).to_pylist())
-    return values
+            metadata = parquet.metadata
+            size = sum(metadata.row_group(group).total_byte_size
+                       for group in range(metadata.num_row_groups))
+            rows = max(1, int(batch_bytes * metadata.num_rows // max(1, size)))
+            first_row = 0
+            for batch in parquet.iter_batches(batch_size=rows):
+                yield first_row, pa.Table.from_batches([batch])
+                first_row += batch.num_rows
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
 
 
-def write_tables(url: str, tables: Sequence[pa.Table]) -> None:
-    """Write ``tables`` (one schema) as one Arrow IPC file, a record batch each, so that
-    :func:`read_table_at` can read any one of them alone. For transient files: IPC
-    costs nothing to encode or decode, and they are not synced to disk (a crash loses
-    the run using them)."""
+def write_ipc(url: str, table: pa.Table, batch_rows: int) -> None:
+    """Write ``table`` as an Arrow IPC file in record batches of ``batch_rows`` rows (the
+    last one fewer), so :func:`read_ipc_rows` reads a row range without the rest. For
+    transient files: IPC costs nothing to encode or decode, and they are not synced to
+    disk (a crash loses the run using them)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, tables[0].schema) as writer:
-        for table in tables:
-            writer.write_batch(table.combine_chunks().to_batches()[0])
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+            writer.write_batch(batch)
     write_bytes(url, sink.getvalue(), durable=False)
 
 
-def read_table_at(url: str, index: int) -> pa.Table:
-    """Table ``index`` of an Arrow IPC file written by :func:`write_tables`."""
+def read_ipc_rows(url: str, start: int, stop: int, batch_rows: int) -> pa.Table:
+    """Rows ``[start, stop)`` of an IPC file written by :func:`write_ipc`, reading only
+    the record batches that hold them."""
     fs, path = filesystem(url)
     with storage_errors(url, "read"), fs.open(path, "rb") as handle:
-        return pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(index)])
-
+        reader = pa.ipc.open_file(handle)
+        first, last = start // batch_rows, (stop - 1) // batch_rows
+        table = pa.Table.from_batches(
+            [reader.get_batch(index) for index in range(first, last + 1)], reader.schema)
+    return table.slice(start - first * batch_rows, stop - start)

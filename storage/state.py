@@ -23,9 +23,11 @@ from typing import Any, Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 
+from schemas.contract import InputError
 from schemas.manifest import (RELATIVE_LAYOUT, RETIRED, SNAPSHOT_FILE_KINDS, CommitRecord,
                               Manifest, ManifestError, attempt_started_at, log_name,
-                              outputs_dir, snapshot_dir, staging_dir)
+                              outputs_dir, snapshot_dir, snapshot_file_name,
+                              staging_dir)
 from storage.faults import fault_point
 from storage.files import (IntegrityError, StorageError, exists, filesystem, is_gcs, join,
                            json_bytes, list_names, parse_json, read_bytes, read_table,
@@ -35,6 +37,14 @@ from storage.files import (IntegrityError, StorageError, exists, filesystem, is_
 DEFAULT_ORPHAN_GRACE_SECONDS = 86_400  # files of uncommitted attempts live a day at least
 
 Snapshot = tuple[str, "str | None"]  # (run_id, attempt); attempt None before attempts
+
+
+def check_retention(keep: int | None, orphan_grace_hours: float) -> None:
+    """``--keep`` and ``--orphan-grace-hours`` as runs and ``gc`` take them."""
+    if keep is not None and keep < 1:
+        raise InputError(f"--keep {keep}: keep at least 1 snapshot (the current one)")
+    if not 0 < orphan_grace_hours < float("inf"):
+        raise InputError("--orphan-grace-hours must be a number of hours above 0")
 
 
 class StateConflictError(RuntimeError):
@@ -73,8 +83,7 @@ class StateStore:
     def snapshot_file_url(self, run_id: str, attempt: str, kind: str, shard: int,
                           shards: int) -> str:
         """A snapshot data file: ``kind`` is ``state`` or ``pending``."""
-        return join(self.snapshot_url(run_id, attempt),
-                    f"{kind}-{shard:05d}-of-{shards:05d}.parquet")
+        return join(self.snapshot_url(run_id, attempt), snapshot_file_name(kind, shard, shards))
 
     def staging_url(self, run_id: str, attempt: str) -> str:
         """Where a running attempt parks chunk features (removed when it ends)."""

@@ -122,6 +122,19 @@ def final_state(state_url):
             for sid, s in results.committed_states(state_url).items()}
 
 
+def assert_close_states(state_url, expected, atol=1e-6):
+    """The committed snapshot carries what ``expected`` (a :func:`final_state`) holds,
+    the tensors to ``atol``: for a state written partly by other code, whose batches
+    (so float rounding) may differ."""
+    actual = final_state(state_url)
+    assert sorted(actual) == sorted(expected)
+    for sequence_id, (next_index, steps, tensors) in expected.items():
+        assert actual[sequence_id][:2] == (next_index, steps)
+        for got, want in zip(actual[sequence_id][2], tensors, strict=True):
+            np.testing.assert_allclose(np.frombuffer(got, np.float32),
+                                       np.frombuffer(want, np.float32), atol=atol)
+
+
 @pytest.fixture(scope="session")
 def never_failed(workload, tmp_path_factory):
     """Final state and outputs of the workload's three runs, none of which failed."""

@@ -14,7 +14,7 @@ import storage
 from pipeline import results
 from pipeline.build import run_job
 from pipeline.importer import import_state
-from tests.conftest import IN_PROCESS, config, final_state
+from tests.conftest import IN_PROCESS, assert_close_states, config, final_state
 from transforms.commit import CommitTarget, commit_run
 from transforms.model import ModelOptions, load_model
 
@@ -202,9 +202,10 @@ def test_a_legacy_state_goes_on_and_its_snapshots_are_retired(legacy_code, workl
     store = storage.StateStore(state)
     assert [m.attempt for m in store.history()] == [None, None]
     run_job(config(workload, tmp_path, 2), IN_PROCESS)
-    assert final_state(state) == never_failed[0]
+    # Legacy code batched other sequences together: the same values to float rounding.
+    assert_close_states(state, never_failed[0])
     assert store.prune(2) == ["run-1"]
-    assert final_state(state) == never_failed[0]  # run-1's shared layer stays
+    assert_close_states(state, never_failed[0])  # run-1's shared layer stays
 
 
 def test_a_legacy_snapshot_rolled_back_from_is_retired_too(legacy_code, workload, tmp_path):

@@ -193,7 +193,7 @@ def test_a_zombie_attempt_writing_other_bits_after_the_winner_committed_changes_
     zombie = plan_run(config(workload, tmp_path, 2, run_id="run-2", batch_size=3,
                              window_steps=5))
     assert winner.attempt != zombie.attempt
-    assert winner.parent_pointer == zombie.parent_pointer
+    assert winner.carry.parent_pointer == zombie.carry.parent_pointer
     execute(winner, IN_PROCESS)
     committed = store.current()
     assert committed.snapshot == ("run-2", winner.attempt)
@@ -251,7 +251,7 @@ def test_the_commit_step_retried_after_its_swap_succeeds_and_changes_nothing(
     log_before = sorted(os.listdir(os.path.join(state, "log")))
     report_before = storage.read_json(store.report_url("run-2", plan.attempt))
 
-    retried = commit_run(store.committed(), plan.commit_target())  # e.g. a retried bundle
+    retried = commit_run(store.committed(), plan.carry.commit_target())  # e.g. a retried bundle
 
     assert open(os.path.join(state, "CURRENT"), "rb").read() == current_bytes
     assert sorted(os.listdir(os.path.join(state, "log"))) == log_before
@@ -275,7 +275,7 @@ def test_the_commit_step_retried_after_its_swap_but_before_its_log_entry(
     saved = open(entry, "rb").read()
     os.remove(entry)
     assert [r.run_id for r in store.commits()] == ["run-1", "run-2"]  # from CURRENT
-    commit_run(store.committed(), plan.commit_target())
+    commit_run(store.committed(), plan.carry.commit_target())
     assert open(entry, "rb").read() == saved
     assert_continues_exactly(workload, tmp_path, never_failed)
 

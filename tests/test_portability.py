@@ -14,9 +14,11 @@ from pipeline.options import RunConfig
 from schemas import CarriedState, Chunk, ChunkOutput, DeadLetter, chunks_to_table, outputs_to_table
 from transforms.commit import CommitRun
 from transforms.dofns import (COUNTS, DEAD_LETTER_FILE, FINAL_STATE_FILE, OUTPUT_FILE,
-                              PlanAndRunBucket, ReadChunkFile, WriteDeadLetters,
-                              WriteFinalStates, WriteManifest, WriteOutputPart,
-                              WriteSnapshotShard)
+                              PlanAndRunBucket, ReadParquetBatches, RouteIds,
+                              ValidateChunks, WriteDeadLetters, WriteFinalStates,
+                              WriteManifest, WriteOutputPart, WriteSnapshotShard)
+from transforms.sequencing import RunSizing
+from transforms.staging import slices
 
 DATAFLOW = ["--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
             "--temp_location=gs://my-bucket/tmp", "--setup_file=./setup.py",
@@ -32,25 +34,33 @@ def plan(workload, tmp_path):
 
 
 def test_dofns_survive_beams_pickler_and_still_work(plan, workload, tmp_path):
-    config = plan.config
-    dofns = [ReadChunkFile(3, False, "r1", str(tmp_path / "staging"), 2),
-             PlanAndRunBucket(config.model, plan.planner, 4, 16),
-             WriteSnapshotShard(config.state, "r1", "a1", 1, 1, plan.stack.state_names),
+    config, carry = plan.config, plan.carry
+    dofns = [ReadParquetBatches(),
+             ValidateChunks(3, False, "r1", str(tmp_path / "staging")),
+             PlanAndRunBucket(config.model, carry.planner, 4, 16),
+             RouteIds([]),
+             WriteSnapshotShard(config.state, "r1", "a1", 1, carry.stack.state_names),
              WriteManifest(config.state, "r1", "a1", 1, "2026-12-01T00:00:00+00:00", None,
-                           False, plan.stack.fingerprint, plan.stack.state_names),
-             CommitRun(plan.commit_target())]
+                           False, carry.stack.fingerprint, carry.stack.state_names),
+             CommitRun(carry.commit_target())]
     restored = [pickler.loads(pickler.dumps(dofn)) for dofn in dofns]
     assert [type(d) for d in restored] == [type(d) for d in dofns]
 
     chunk_file = str(tmp_path / "chunks.parquet")
-    pq.write_table(chunks_to_table([Chunk("a", 0, np.ones((3, 3), np.float32))]), chunk_file)
-    (kind, (bucket, staged)), touched, ledger = restored[0].process(chunk_file)
-    assert kind == "chunks" and staged[0].startswith(str(tmp_path / "staging"))
-    assert touched == ("touched", ["a"]) and ledger[0] == "ledger"
-    runner = restored[1]
+    chunks = [Chunk(f"s{i}", 0, np.ones((3, 3), np.float32)) for i in range(20)]
+    pq.write_table(chunks_to_table(chunks), chunk_file)
+    (rows,) = restored[0].process(chunk_file)
+    envelopes = list(restored[1].process(rows))
+    (staged,) = [value for tag, value in envelopes if tag == "staged"]
+    assert staged.url.startswith(str(tmp_path / "staging"))
+    assert sorted(value for tag, value in envelopes if tag == "ids") == sorted(
+        c.sequence_id for c in chunks)
+    ((bucket, staged_slice),) = slices(staged, RunSizing(20, 1, 1).buckets)
+    runner = restored[2]
     runner.setup()  # loads the model on "the worker"
     runner.start_bundle()
-    envelopes = list(runner.process((bucket, {"states": [], "pending": [], "chunks": [staged]})))
+    envelopes = list(runner.process((bucket, {"states": [], "pending": [],
+                                              "chunks": [staged_slice]})))
     runner.finish_bundle()
     assert {tag for tag, _ in envelopes} == {"outputs", "states", "ledger"}
 
@@ -60,11 +70,13 @@ def test_writers_give_the_manifest_their_files_and_time(plan, tmp_path):
     out = str(tmp_path / "out")
     outputs = outputs_to_table([ChunkOutput("a", 0, np.ones((2, 1), np.float32))])
     letter = DeadLetter("in.parquet", 0, "a", 0, "non_finite", "NaN", "{}")
-    ended = CarriedState("a", 1, 2, plan.planner.zero_state, plan.stack.fingerprint)
+    ended = CarriedState("a", 1, 2, plan.carry.planner.zero_state,
+                         plan.carry.stack.fingerprint)
     written = {
         OUTPUT_FILE: WriteOutputPart(out, "r1", "a1").process(("00000-0000", outputs)),
         DEAD_LETTER_FILE: WriteDeadLetters(out, "r1", "a1").process((0, [letter])),
-        FINAL_STATE_FILE: WriteFinalStates(out, "r1", "a1", plan.stack.state_names).process(
+        FINAL_STATE_FILE: WriteFinalStates(out, "r1", "a1",
+                                           plan.carry.stack.state_names).process(
             (0, [(ended, "is_last")])),
     }
     for kind, entries in written.items():
@@ -81,8 +93,9 @@ def test_the_pipeline_builds_and_serializes_with_cluster_runner_options(plan, op
     build(pipeline, plan)
     proto = pipeline.to_runner_api()  # what a runner is sent: every DoFn pickled
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"ReadChunks", "ApplyChunks/PlanAndRun", "WriteSnapshot", "WriteManifest",
-            "Commit"} <= names
+    assert {"ReadChunkFiles/ReadBatches", "CarryState/Validate",
+            "CarryState/ApplyChunks/PlanAndRun", "CarryState/WriteSnapshot",
+            "CarryState/WriteManifest", "CarryState/Commit"} <= names
     if options is DATAFLOW:
         assert parsed.view_as(GoogleCloudOptions).region == "europe-west1"
         assert parsed.view_as(SetupOptions).setup_file == "./setup.py"
@@ -92,7 +105,7 @@ def test_the_pipeline_builds_and_serializes_with_cluster_runner_options(plan, op
 
 def test_the_model_is_loaded_once_per_process_whatever_the_dofn_copies(plan):
     # Runners unpickle a DoFn once per thread or bundle; Beam's Shared keeps one model.
-    template = PlanAndRunBucket(plan.config.model, plan.planner, 4, 16)
+    template = PlanAndRunBucket(plan.config.model, plan.carry.planner, 4, 16)
     copies = [pickler.loads(pickler.dumps(template)) for _ in range(3)]
     for dofn in copies:
         dofn.setup()

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import storage
+from transforms.sequencing import RunSizing
 from pipeline import results
 from pipeline.build import execute, plan_run, run_job
 from tests.conftest import (IN_PROCESS, RESUMED, assert_same_outputs, config,
@@ -275,7 +276,7 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
     states = [CarriedState(f"s{i}", 1, 3, (np.full(2, i, np.float32),), "fp") for i in (2, 0, 1)]
     outputs = [ChunkOutput(f"s{i}", 0, np.full((3, 2), i, np.float32)) for i in (1, 0)]
     writers = [
-        (WriteSnapshotShard(str(tmp_path / "state"), "r", "a", 1, 1, ("layer0_h",)),
+        (WriteSnapshotShard(str(tmp_path / "state"), "r", "a", 1, ("layer0_h",)),
          lambda order: (0, {"states": order(states), "pending": []})),
         # Outputs come as one table in a fixed order (PlanAndRunBucket sorts them).
         (WriteOutputPart(str(tmp_path / "out"), "r", "a"),
@@ -284,8 +285,10 @@ def test_a_retried_write_bundle_rewrites_the_same_file_with_the_same_bytes(tmp_p
         return [(kind, payload) for kind, payload in entries if kind.endswith("_files")]
 
     for writer, element in writers:
-        first = files(writer.process(element(list)))
-        retried = files(writer.process(element(lambda items: list(reversed(items)))))
+        sizing = (RunSizing(3, 1, 1),) if isinstance(writer, WriteSnapshotShard) else ()
+        first = files(writer.process(element(list), *sizing))
+        retried = files(writer.process(element(lambda items: list(reversed(items))),
+                                       *sizing))
         assert first == retried  # same path, rows and sha256, whatever the element order
         ((_, record),) = first
         assert os.listdir(os.path.dirname(record.path)) == [os.path.basename(record.path)]

@@ -116,7 +116,7 @@ def test_model_options_travel_with_the_pickled_dofn(tf1_checkpoints):
     options = ModelOptions(tf1_forget_bias=0.25)
     planner = Planner(run_id="r", run_number=1, started_at=0, zero_state=(),
                       model_fingerprint="")
-    worker = pickler.loads(pickler.dumps(PlanAndRunBucket(path, planner, 4, 16, 0, options)))
+    worker = pickler.loads(pickler.dumps(PlanAndRunBucket(path, planner, 4, 16, options)))
     worker.setup()
     assert worker._model.stack.fingerprint == load_model(path, options).fingerprint
     assert worker._model.stack.fingerprint != load_model(path).fingerprint

@@ -26,7 +26,7 @@ CATEGORIES = (PROCESSED, DEFERRED, SKIPPED, REJECTED)
 class CommitTarget:
     """What the commit step needs, fixed when the pipeline is built."""
     state_url: str
-    outputs_url: str
+    outputs_url: str | None  # None: the run wrote no output files of its own
     run_id: str
     attempt: str
     parent: storage.CommitRecord | None  # CURRENT as read at planning: swapped from it
@@ -76,8 +76,9 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
         # Beam's: start-up, and moving records between stages (the join).
         "stage_seconds": {stage: round(ms / 1000, 3)
                           for stage, ms in by_prefix("ms_").items()},
-        "outputs": storage.join(target.outputs_url, outputs_dir(manifest.run_id,
-                                                                 manifest.attempt)),
+        "outputs": (storage.join(target.outputs_url, outputs_dir(manifest.run_id,
+                                                                  manifest.attempt))
+                    if target.outputs_url is not None else None),
         "dead_letters": [r.path for r in manifest.dead_letter_files],
         "final_states": [r.path for r in manifest.final_state_files],
         "snapshot": storage.StateStore(target.state_url).snapshot_url(manifest.run_id,

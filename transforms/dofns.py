@@ -17,7 +17,6 @@ report never depends on a runner's support for querying metrics.
 from __future__ import annotations
 
 import collections
-import hashlib
 import time
 from typing import Iterable, Sequence
 
@@ -31,9 +30,10 @@ import storage
 from schemas import (CarriedState, Chunk, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
-from schemas.validation import chunk_dead_letter, validate_chunks
-from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, split_into_batches,
-                                   stable_bucket)
+from schemas.manifest import shard_of_file
+from schemas.validation import ChunkRows, as_chunk_rows, chunk_dead_letter, validate_chunks
+from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, RunSizing,
+                                   split_into_batches, stable_bucket)
 from transforms import staging
 from transforms.model import ModelOptions
 from transforms.session import METRICS_NAMESPACE, LoadedModel
@@ -46,6 +46,11 @@ DEAD_LETTER_FILE, FINAL_STATE_FILE = "dead_letter_files", "final_state_files"
 FILE_KINDS = (STATE_FILE, PENDING_FILE, OUTPUT_FILE, DEAD_LETTER_FILE, FINAL_STATE_FILE)
 # Dead letters and final states are rare: a few files per run are enough.
 SMALL_OUTPUT_SHARDS = 4
+# Input rows are read in batches of about this many bytes (uncompressed).
+READ_BATCH_BYTES = 64 * 2**20
+# An element with at least this many valid chunks is staged (see transforms.staging);
+# fewer (e.g. one record from a user's source) travel as Chunks themselves.
+STAGE_AT_ROWS = 16
 
 
 def split(envelopes: beam.PCollection, tags: Sequence[str],
@@ -74,65 +79,109 @@ def _counts(counts: dict[str, int]) -> tuple[str, dict[str, int]]:
     return COUNTS, counts
 
 
-class ReadChunkFile(beam.DoFn):
-    """An input file's URL -> envelopes: ``chunks`` ``(bucket, StagedBatch)`` where the
-    file's valid rows of each bucket were staged (see :mod:`transforms.staging`),
-    ``touched`` (the sequence ids they belong to), ``dead_letters`` for each invalid
-    row, and counts (``ledger``)."""
+class ReadParquetBatches(beam.DoFn):
+    """An input file's URL -> its rows as :class:`~schemas.validation.ChunkRows`, in
+    batches of about :data:`READ_BATCH_BYTES`, never the whole file at once."""
+
+    def process(self, url: str):
+        for first_row, table in storage.iter_parquet(url, READ_BATCH_BYTES):
+            yield ChunkRows(table, url, first_row)
+
+
+class ReadChunkFiles(beam.PTransform):
+    """Parquet file URLs -> :class:`~schemas.validation.ChunkRows` (what
+    :class:`~transforms.carry.CarryState` takes), the files spread over workers."""
+
+    def expand(self, urls):
+        return (urls
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadBatches" >> beam.ParDo(ReadParquetBatches()))
+
+
+class ValidateChunks(beam.DoFn):
+    """Chunk records (see :func:`~schemas.validation.as_chunk_rows`) -> envelopes:
+    ``staged`` :class:`~transforms.staging.StagedChunks` (the valid rows of a large
+    element, parked in a staging file) or ``loose`` Chunks (those of a small one),
+    ``ids`` (the distinct sequence ids of the valid rows), ``feature_bytes``,
+    ``dead_letters`` for each invalid row, and counts (``ledger``)."""
 
     def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
-                 staging_url: str, buckets: int, vocabulary: int | None = None):
+                 staging_url: str, vocabulary: int | None = None):
         self._input_dim = input_dim
         self._allow_non_finite = allow_non_finite
         self._run_id = run_id
         self._staging_url = staging_url
-        self._buckets = buckets
         self._vocabulary = vocabulary
 
-    def process(self, url: str):
+    def process(self, element):
         started = time.perf_counter()
-        chunks, letters = validate_chunks(storage.read_table(url), url, self._input_dim,
-                                          self._allow_non_finite, self._run_id,
-                                          self._vocabulary)
-        # Named after the input file, so a retried bundle rewrites the same file.
-        staging_file = storage.join(
-            self._staging_url, hashlib.sha256(url.encode()).hexdigest()[:24] + ".arrow")
-        staged = staging.stage(chunks, staging_file,
-                               lambda key: stable_bucket(key, self._buckets))
+        rows = as_chunk_rows(element)
+        if isinstance(rows, DeadLetter):
+            chunks, letters = [], [rows]
+        else:
+            chunks, letters = validate_chunks(rows.table, rows.source, self._input_dim,
+                                              self._allow_non_finite, self._run_id,
+                                              self._vocabulary, rows.first_row)
+        if len(chunks) >= STAGE_AT_ROWS:
+            yield "staged", staging.stage(chunks, self._staging_url)
+        else:
+            for chunk in chunks:
+                yield "loose", chunk
+        for sequence_id in sorted({chunk.sequence_id for chunk in chunks}):
+            yield "ids", sequence_id
+        yield "feature_bytes", sum(chunk.features.nbytes for chunk in chunks)
         counts = collections.Counter({"chunks_read": len(chunks) + len(letters),
                                       "ms_read": _ms_since(started)})
-        for keyed in staged:
-            yield "chunks", keyed
-        yield "touched", sorted({chunk.sequence_id for chunk in chunks})
         for letter in letters:
             yield "dead_letters", letter
-        for letter in letters:
             counts[REJECTED] += 1
             counts[f"{REJECTED}_{letter.reason}"] += 1
         yield LEDGER, _counts(dict(counts))
 
 
+class RouteIds(beam.DoFn):
+    """A sequence id -> ``(path, id)`` for each snapshot file that may hold its rows:
+    in a layer of N files, the file of its :func:`stable_bucket` among N (the files'
+    names say which); every file whose name does not say (older snapshots)."""
+
+    def __init__(self, files: Sequence[storage.FileRecord]):
+        self._by_shard = collections.defaultdict(list)  # (shard, shards) -> paths
+        self._unsharded = []
+        for record in files:
+            shard = shard_of_file(record.path)
+            if shard is None:
+                self._unsharded.append(record.path)
+            else:
+                self._by_shard[shard].append(record.path)
+        self._layouts = sorted({shards for _, shards in self._by_shard})
+
+    def process(self, sequence_id: str):
+        for shards in self._layouts:
+            for path in self._by_shard.get((stable_bucket(sequence_id, shards), shards), ()):
+                yield path, sequence_id
+        for path in self._unsharded:
+            yield path, sequence_id
+
+
 class ReadSnapshotFile(beam.DoFn):
-    """A snapshot file ``(kind, record)`` -> envelopes: ``states`` ``(bucket, (layer,
-    CarriedState))`` from state files, ``pending`` ``(bucket, (layer, Chunk))`` from
-    pending files, after checking the file against its manifest record (sha256, rows).
+    """``(kind, record, ids)`` of a snapshot file -> envelopes: ``states`` ``(bucket,
+    (layer, CarriedState))`` from state files, ``pending`` ``(bucket, (layer, Chunk))``
+    from pending files, after checking the file against its manifest record (sha256,
+    rows). ``ids`` (the sequences this run has chunks for, routed to this file by
+    :class:`RouteIds`) limits the rows read; None reads every row."""
 
-    ``touched`` (a side input: lists of the ids of the sequences this run has chunks
-    for) limits the rows turned into records to those sequences; None reads every row.
-    """
-
-    def __init__(self, state_names: Sequence[str], buckets: int):
+    def __init__(self, state_names: Sequence[str]):
         self._state_names = tuple(state_names)
-        self._buckets = buckets
 
-    def process(self, element: tuple[str, storage.FileRecord], touched=None):
+    def process(self, element: tuple[str, storage.FileRecord, Sequence[str] | None],
+                sizing: RunSizing):
         started = time.perf_counter()
-        kind, record = element
+        kind, record, ids = element
         table = storage.read_table(record.path, record)
-        if touched is not None:
+        if ids is not None:
             # Filtered in Arrow: rows of untouched sequences never become Python objects.
-            ids = pa.array(sorted(set().union(*touched)), pa.string())
-            table = table.filter(pc.is_in(table["sequence_id"], value_set=ids))
+            table = table.filter(pc.is_in(table["sequence_id"],
+                                          value_set=pa.array(sorted(ids), pa.string())))
         if kind == PENDING_FILE:
             rows = [("pending", chunk) for chunk in
                     chunks_from_table(table, record.path, pending=True)]
@@ -141,7 +190,7 @@ class ReadSnapshotFile(beam.DoFn):
                     states_from_table(table, self._state_names, record.path)]
         elapsed = _ms_since(started)
         for tag, row in rows:
-            yield tag, (stable_bucket(row.sequence_id, self._buckets), (record.layer, row))
+            yield tag, (sizing.bucket(row.sequence_id), (record.layer, row))
         yield LEDGER, _counts({"ms_read_snapshot": elapsed})
 
 
@@ -189,22 +238,19 @@ class PlanAndRunBucket(beam.DoFn):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, chunks_total: int = 0,
-                 model_options: ModelOptions = ModelOptions()):
+                 window_steps: int, model_options: ModelOptions = ModelOptions()):
         self._model_path = model_path
         self._model_options = model_options
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
-        self._chunks_total = chunks_total  # for progress lines only
         self._shared = shared.Shared()
         self._model: LoadedModel | None = None
         self._session = None
 
     def setup(self):
         self._model = self._shared.acquire(
-            lambda: LoadedModel(self._model_path, self._window_steps, self._chunks_total,
-                                self._model_options),
+            lambda: LoadedModel(self._model_path, self._window_steps, self._model_options),
             tag=f"{self._model_path}:{self._model_options}:{self._window_steps}")
 
     def start_bundle(self):
@@ -214,7 +260,9 @@ class PlanAndRunBucket(beam.DoFn):
         started = time.perf_counter()
         bucket, grouped = element
         rows = collections.defaultdict(lambda: ([], [], []))
-        for chunk in staging.unstage(grouped["chunks"]):
+        loose = [item for item in grouped["chunks"] if isinstance(item, Chunk)]
+        staged = [item for item in grouped["chunks"] if not isinstance(item, Chunk)]
+        for chunk in loose + staging.unstage(staged):
             rows[chunk.sequence_id][0].append(chunk)
         for layer, state in grouped["states"]:
             rows[state.sequence_id][1].append((layer, state))
@@ -229,6 +277,8 @@ class PlanAndRunBucket(beam.DoFn):
                     works.append(value)
                 else:
                     planned.append((tag, value))
+                if tag == "ended":
+                    counts[f"sequences_ended_{value[1]}"] += 1
         counts["ms_plan"] = _ms_since(started)
         yield from planned
         for number, batch in enumerate(split_into_batches(works, self._batch_size)):
@@ -243,6 +293,7 @@ class PlanAndRunBucket(beam.DoFn):
                 yield "states", state
             for state in result.ended:
                 yield "ended", (state, END_IS_LAST)
+            counts[f"sequences_ended_{END_IS_LAST}"] += len(result.ended)
             counts.update({"sequences_touched": len(batch), "steps_processed": result.steps,
                            "batches": 1})
         yield LEDGER, _counts(dict(+counts))
@@ -285,16 +336,15 @@ class WriteSnapshotShard(beam.DoFn):
     """``(shard, {'states', 'pending'})`` -> the shard's state file and pending file
     (each only if it has rows); emits their ledger entries."""
 
-    def __init__(self, state_url: str, run_id: str, attempt: str, layer: int, shards: int,
+    def __init__(self, state_url: str, run_id: str, attempt: str, layer: int,
                  state_names: Sequence[str]):
         self._store = storage.StateStore(state_url)
         self._run_id = run_id
         self._attempt = attempt
         self._layer = layer
-        self._shards = shards
         self._state_names = tuple(state_names)
 
-    def process(self, element):
+    def process(self, element, sizing: RunSizing):
         started = time.perf_counter()
         shard, grouped = element
         states = sorted(grouped["states"], key=lambda s: s.sequence_id)
@@ -302,13 +352,13 @@ class WriteSnapshotShard(beam.DoFn):
         closed = sum(state.closed for state in states)
         if states:
             url = self._store.snapshot_file_url(self._run_id, self._attempt, "state", shard,
-                                               self._shards)
+                                               sizing.shards)
             yield STATE_FILE, storage.write_table(
                 url, states_to_table(states, self._state_names), self._layer)
             storage.fault_point("after_state_file")
         if pending:
             url = self._store.snapshot_file_url(self._run_id, self._attempt, "pending", shard,
-                                               self._shards)
+                                               sizing.shards)
             yield PENDING_FILE, storage.write_table(
                 url, chunks_to_table(pending, pending=True), self._layer)
         yield _counts({"written_live": len(states) - closed, "written_closed": closed,
@@ -347,8 +397,6 @@ class WriteFinalStates(_WriteRunFile):
         table = states_to_table([state for state, _ in ordered], self._state_names,
                                 end_reasons=[reason for _, reason in ordered])
         yield from self._write(FINAL_STATE_FILE, f"{shard:05d}", table, started)
-        yield _counts(dict(collections.Counter(f"sequences_ended_{reason}"
-                                               for _, reason in ordered)))
 
 
 class WriteManifest(beam.DoFn):
@@ -413,18 +461,18 @@ class ApplyChunks(beam.PTransform):
     sequence, and run the model in batches.
 
     Input: ``{'chunks', 'states', 'pending'}``, each keyed by bucket
-    (:func:`~transforms.sequencing.stable_bucket` of the sequence id).
+    (:meth:`~transforms.sequencing.RunSizing.bucket` of the sequence id); ``chunks``
+    holds staged slices and loose Chunks.
     Output: ``{'states': the new CarriedState of every sequence read or touched,
     'pending': Chunks still deferred, 'outputs': (part, outputs table),
     'dead_letters', 'ended': (CarriedState, end_reason), 'ledger'}``.
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, chunks_total: int = 0,
-                 model_options: ModelOptions = ModelOptions()):
+                 window_steps: int, model_options: ModelOptions = ModelOptions()):
         super().__init__()
         self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
-                                     chunks_total, model_options)
+                                     model_options)
 
     def expand(self, inputs):
         return split(

@@ -192,9 +192,62 @@ def _by_index(chunks: Sequence[Chunk]) -> list[tuple[int, list[Chunk]]]:
     return sorted(groups.items())
 
 
+def id_hash(sequence_id: str) -> int:
+    """A 32-bit hash of ``sequence_id``, the same in every process and every run."""
+    return zlib.crc32(sequence_id.encode("utf-8"))
+
+
 def stable_bucket(sequence_id: str, buckets: int) -> int:
-    """A bucket for ``sequence_id`` that is the same in every process and every run."""
-    return zlib.crc32(sequence_id.encode("utf-8")) % max(1, buckets)
+    """``sequence_id``'s shard among ``buckets`` by :func:`id_hash` modulo: how snapshot
+    files are sharded (their names say so: keep it) and small outputs spread."""
+    return id_hash(sequence_id) % max(1, buckets)
+
+
+def bucket_of(hashes: int | np.ndarray, buckets: int) -> int | np.ndarray:
+    """A run's unit of work for :func:`id_hash` values: equal ranges of the hash space,
+    so rows sorted by hash fall into contiguous runs of buckets (see
+    :mod:`transforms.staging`)."""
+    if isinstance(hashes, np.ndarray):
+        return ((hashes.astype(np.uint64) * np.uint64(buckets)) >> np.uint64(32)).astype(
+            np.int64)
+    return (hashes * buckets) >> 32
+
+
+# Bounds on what one bucket holds in memory (see size_run).
+BUCKET_BYTES = 256 * 2**20
+STATES_PER_BUCKET = 200_000
+ROWS_PER_STATE_FILE = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSizing:
+    """How a run's work is split, decided inside the job once the sequences of every
+    input are counted (:func:`size_run`)."""
+    sequences: int  # distinct sequences with valid chunks in this run
+    buckets: int  # units of work: sequences joined, planned and run together
+    shards: int  # files of each kind in the snapshot layer the run writes
+
+    def bucket(self, sequence_id: str) -> int:
+        return int(bucket_of(id_hash(sequence_id), self.buckets))
+
+
+def size_run(sequences: int, feature_bytes: int, batch_size: int,
+             snapshot_rows: int) -> RunSizing:
+    """Split a run of ``sequences`` (holding ``feature_bytes`` of features) that reads
+    ``snapshot_rows`` carried states (all of them for a compacting run, else 0).
+
+    A bucket's chunks are read into memory together and run as full batches: about
+    four batches each, fewer sequences where their features would exceed
+    :data:`BUCKET_BYTES`, and no more than :data:`STATES_PER_BUCKET` snapshot rows.
+    """
+    bytes_per_sequence = feature_bytes / max(1, sequences)
+    per_bucket = min(4 * batch_size, int(BUCKET_BYTES // max(1.0, bytes_per_sequence)))
+    if per_bucket >= batch_size:
+        per_bucket -= per_bucket % batch_size  # whole batches
+    buckets = max(1, -(-sequences // max(1, per_bucket)),
+                  -(-snapshot_rows // STATES_PER_BUCKET))
+    shards = max(1, -(-(snapshot_rows + sequences) // ROWS_PER_STATE_FILE))
+    return RunSizing(sequences, buckets, shards)
 
 
 def split_into_batches(works: Sequence[SequenceWork],

@@ -25,10 +25,10 @@ _LOG = logging.getLogger("seqcarry")
 
 class Progress:
     """Chunks and steps applied in this process, logged at most every few seconds as
-    ``event=progress chunks_done=... chunks_total=... steps_per_second=...``."""
+    ``event=progress chunks_done=... steps=... steps_per_second=...`` (the launcher
+    shows the job's totals from Beam's metrics, where the runner reports them)."""
 
-    def __init__(self, chunks_total: int, every_seconds: float = 2.0):
-        self.chunks_total = chunks_total
+    def __init__(self, every_seconds: float = 5.0):
         self._every = every_seconds
         self._lock = threading.Lock()
         self._started = self._logged = time.perf_counter()
@@ -39,25 +39,25 @@ class Progress:
             self.chunks += chunks
             self.steps += steps
             now = time.perf_counter()
-            if now - self._logged < self._every and self.chunks < self.chunks_total:
+            if now - self._logged < self._every:
                 return
             self._logged = now
             rate = self.steps / max(now - self._started, 1e-9)
-            _LOG.info("event=progress chunks_done=%d chunks_total=%d steps=%d "
-                      "steps_per_second=%.0f", self.chunks, self.chunks_total, self.steps, rate)
+            _LOG.info("event=progress chunks_done=%d steps=%d steps_per_second=%.0f",
+                      self.chunks, self.steps, rate)
 
 
 class LoadedModel:
     """A model and its compiled kernel, loaded once per process."""
 
-    def __init__(self, model_path: str, window_steps: int, chunks_total: int = 0,
+    def __init__(self, model_path: str, window_steps: int,
                  model_options: ModelOptions | None = None):
         started = time.perf_counter()
         self.stack: RecurrentStack = load_model(model_path, model_options)
         self.kernel = StepKernel(self.stack, window_steps)
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
-        self.progress = Progress(chunks_total)
+        self.progress = Progress()
         _LOG.info("event=model_loaded fingerprint=%s seconds=%.2f", self.stack.fingerprint,
                   self.load_seconds)
 

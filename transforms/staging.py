@@ -1,43 +1,72 @@
 """Chunks parked in files while a run groups them by bucket.
 
-A run groups chunks by bucket (a stable hash of their sequence id) to join them with
-their carried states and run them in batches. Runners that keep shuffled data in
-memory (the DirectRunner's FnApiRunner does) would then hold every chunk of the run
-at once, and every chunk would pay the runner's per-element cost (encoding, size
-sampling) several times. So the reader writes the chunks of each input file to a
-staging file (Arrow IPC), one record batch per bucket, and only ``(file, batch)``
-references are shuffled; the DoFn of a bucket reads back its own record batches.
+A run groups chunks by bucket (a range of :func:`~transforms.sequencing.id_hash`
+values) to join them with their carried states and run them in batches. Runners that
+keep shuffled data in memory (the DirectRunner's FnApiRunner does) would then hold every
+chunk of the run at once, and every chunk would pay the runner's per-element cost
+(encoding, size sampling) several times. So each batch of validated chunks is written
+to a staging file (Arrow IPC) sorted by the hash of its sequence ids, and only
+references are shuffled: the file with its sorted hashes (:class:`StagedChunks`), and
+once the run's bucket count is known (it depends on every input's sequences), a row
+range per bucket (:func:`slices`). The DoFn of a bucket reads back its own ranges.
 Memory then follows the bucket size, not the size of the input.
 """
 from __future__ import annotations
 
-import collections
-from typing import Callable, Iterable, Sequence
+import dataclasses
+import hashlib
+from typing import Iterable, Sequence
+
+import numpy as np
 
 import storage
 from schemas import Chunk, chunks_from_table, chunks_to_table
+from transforms.sequencing import bucket_of, id_hash
 
-StagedBatch = tuple[str, int]
-"""Where a bucket's chunks from one input file wait: (staging file, record batch)."""
-
-
-def stage(chunks: Sequence[Chunk], url: str,
-          bucket_of: Callable[[str], int]) -> list[tuple[int, StagedBatch]]:
-    """Write ``chunks`` to ``url``, a record batch per bucket; returns each bucket with
-    where its batch is."""
-    by_bucket = collections.defaultdict(list)
-    for chunk in chunks:
-        by_bucket[bucket_of(chunk.sequence_id)].append(chunk)
-    buckets = sorted(by_bucket)
-    if buckets:
-        # The pending-chunk schema keeps each chunk's run, input file and row.
-        storage.write_tables(url, [chunks_to_table(by_bucket[bucket], pending=True)
-                                   for bucket in buckets])
-    return [(bucket, (url, batch)) for batch, bucket in enumerate(buckets)]
+# Rows per record batch of a staging file: a bucket's read skips the batches of others.
+BATCH_ROWS = 1024
 
 
-def unstage(batches: Iterable[StagedBatch]) -> list[Chunk]:
-    """The chunks of staged batches, read back."""
-    return [chunk for url, batch in batches
-            for chunk in chunks_from_table(storage.read_table_at(url, batch), url,
-                                           pending=True)]
+@dataclasses.dataclass(frozen=True, eq=False)
+class StagedChunks:
+    """A staging file and the sorted :func:`~transforms.sequencing.id_hash` of each of
+    its rows' sequence ids."""
+    url: str
+    hashes: np.ndarray
+
+
+StagedSlice = tuple[str, int, int]
+"""Rows ``[start, stop)`` of a staging file: one bucket's chunks from it."""
+
+
+def stage(chunks: Sequence[Chunk], folder: str) -> StagedChunks:
+    """Write ``chunks`` to a file in ``folder``, sorted by the hash of their sequence
+    ids. The file is named by its content, so a retried bundle rewrites the same file."""
+    hashes = np.array([id_hash(chunk.sequence_id) for chunk in chunks], np.uint32)
+    order = sorted(range(len(chunks)), key=lambda i: (
+        hashes[i], chunks[i].sequence_id, chunks[i].chunk_index, chunks[i].source,
+        chunks[i].row if chunks[i].row is not None else -1))
+    # The pending-chunk schema keeps each chunk's run, input file and row.
+    table = chunks_to_table([chunks[i] for i in order], pending=True)
+    content = hashlib.sha256()
+    for batch in table.to_batches():
+        content.update(batch.serialize())
+    url = storage.join(folder, content.hexdigest()[:32] + ".arrow")
+    storage.write_ipc(url, table, BATCH_ROWS)
+    return StagedChunks(url, hashes[order])
+
+
+def slices(staged: StagedChunks, buckets: int) -> list[tuple[int, StagedSlice]]:
+    """Each bucket that has rows in ``staged``, with their row range."""
+    of_rows = bucket_of(staged.hashes, buckets)
+    present, starts = np.unique(of_rows, return_index=True)
+    stops = list(starts[1:]) + [len(of_rows)]
+    return [(int(bucket), (staged.url, int(start), int(stop)))
+            for bucket, start, stop in zip(present, starts, stops)]
+
+
+def unstage(ranges: Iterable[StagedSlice]) -> list[Chunk]:
+    """The chunks of staged row ranges, read back."""
+    return [chunk for url, start, stop in ranges
+            for chunk in chunks_from_table(storage.read_ipc_rows(url, start, stop, BATCH_ROWS),
+                                           url, pending=True)]
