@@ -7,12 +7,15 @@ process run on one synthetic workload, and the ratios between them.
   (d) kernel    seqcarry's batched step alone, on in-memory arrays
 
 and two scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
-snapshot vs the same run against those 1,000 alone, and peak RSS for 10x more sequences.
+snapshot vs the same run against those 1,000 alone, and peak RSS for 10x more sequences;
+and the launcher's planning of a run over 10,000 input files on gs:// (fake-gcs-server
+behind 50 ms of latency per request, bench/planning.py): seconds, memory, requests.
 
 Default workload (issue 7): 2,048 sequences x 1,024 steps in chunks of 128, input
 width 32, one LSTM layer of 128 units, Dense head of 8. ``--scale`` shrinks the number
-of sequences for a quick run. (c) is timed on a subset: it is slow by design, and a
-rate does not depend on how many sequences it is measured over.
+of sequences (and the planning case's files, down to 1,000) for a quick run. (c) is
+timed on a subset: it is slow by design, and a rate does not depend on how many
+sequences it is measured over.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from bench import scaling  # noqa: E402
+from bench import planning, scaling  # noqa: E402
 
 SEQUENCES, STEPS, CHUNK, INPUT_DIM, UNITS, OUTPUTS = 2048, 1024, 128, 32, 128, 8
 KERAS_BATCH = 256
@@ -153,6 +156,7 @@ def main(argv=None) -> dict:
     incremental = scaling.incremental(args.workdir, model_path, INPUT_DIM)
     memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
                             max(32, int(MEMORY_SEQUENCES * args.scale)), MEMORY_STEPS)
+    planned = planning.bench_planning(max(1_000, int(planning.FILES * args.scale)))
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
               "d/b": rates["d_kernel"] / rates["b_keras"]}
@@ -175,9 +179,10 @@ def main(argv=None) -> dict:
     print(f"memory: peak RSS {memory['peak_rss_mib_1x']:,.0f} MiB for {memory['sequences']:,} "
           f"sequences x {memory['steps']} steps, {memory['peak_rss_mib_10x']:,.0f} MiB for "
           f"10x as many: {memory['ratio']:.2f}x (target < 1.3)")
+    print(planning.summary_line(planned))
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
               "ratios": ratios, "targets": targets, "incremental": incremental,
-              "memory": memory, "pipeline_report": report}
+              "memory": memory, "planning": planned, "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2, default=str)

