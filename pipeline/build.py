@@ -212,14 +212,21 @@ def _metrics_of(result: beam.runners.runner.PipelineResult, fresh: bool):
     if fresh and job_service is not None:
         # Beam's portable result keeps the first answer of metrics() for good: ask its
         # job service again for the values so far.
+        import grpc
         from apache_beam.portability.api import beam_job_api_pb2
         from apache_beam.runners.portability.portable_runner import PortableMetrics
 
-        return PortableMetrics(job_service.GetJobMetrics(
-            beam_job_api_pb2.GetJobMetricsRequest(job_id=result._job_id)))
+        ask = job_service.GetJobMetrics
+        # A remote job service gets a deadline; Beam's embedded one is a local object.
+        deadline = ({"timeout": METRICS_TIMEOUT_SECONDS}
+                    if isinstance(ask, grpc.UnaryUnaryMultiCallable) else {})
+        return PortableMetrics(ask(
+            beam_job_api_pb2.GetJobMetricsRequest(job_id=result._job_id), **deadline))
     return result.metrics()
 
 
+# A job service that does not answer must not hold up the launcher.
+METRICS_TIMEOUT_SECONDS = 30
 # What a progress line shows, from the job's counters.
 PROGRESS_COUNTERS = ("chunks_read", "chunks_processed", "steps_processed", "chunks_rejected")
 
@@ -245,8 +252,8 @@ class ProgressWatcher:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._thread.is_alive():  # a daemon: one stuck in a call is left behind
+            self._thread.join(timeout=METRICS_TIMEOUT_SECONDS)
 
     def _watch(self) -> None:
         last: dict[str, Any] = {}

@@ -25,9 +25,10 @@ RAGGED_FEATURES = "ragged_features"        # steps of different widths
 WRONG_INPUT_WIDTH = "wrong_input_width"    # width differs from the model's input width
 NON_FINITE = "non_finite"                  # NaN or +-Inf (unless allowed)
 INVALID_TOKEN_ID = "invalid_token_id"      # an Embedding model's id is not whole or in range
+UNREADABLE_FILE = "unreadable_file"        # not Parquet, damaged or empty: the file as one
 READ_REASONS = (MISSING_COLUMN, WRONG_TYPE, MISSING_SEQUENCE_ID, INVALID_CHUNK_INDEX,
                 EMPTY_FEATURES, NULL_VALUES, RAGGED_FEATURES, WRONG_INPUT_WIDTH, NON_FINITE,
-                INVALID_TOKEN_ID)
+                INVALID_TOKEN_ID, UNREADABLE_FILE)
 
 _FLOAT32_MATRIX = pa.list_(pa.list_(pa.float32()))
 
@@ -55,9 +56,9 @@ class ChunkRows:
 def as_chunk_rows(element: Any) -> ChunkRows | DeadLetter:
     """One element of a PCollection of chunk records as :class:`ChunkRows`: a
     ``ChunkRows``, an Arrow table or record batch, or one record as a dict (what Beam's
-    ``ReadFromParquet`` and ``ReadFromBigQuery`` yield). Anything else, or a dict Arrow
-    cannot hold, is a dead letter."""
-    if isinstance(element, ChunkRows):
+    ``ReadFromParquet`` yields). A dead letter (an unreadable file) stays one; anything
+    else, or a dict Arrow cannot hold, becomes one."""
+    if isinstance(element, (ChunkRows, DeadLetter)):
         return element
     if isinstance(element, pa.RecordBatch):
         element = pa.Table.from_batches([element])
@@ -76,6 +77,13 @@ def as_chunk_rows(element: Any) -> ChunkRows | DeadLetter:
         record = {"element": repr(element)[:10_000]}
     return DeadLetter(UNNAMED_SOURCE, None, None, None, WRONG_TYPE, message,
                       record_json(record))
+
+
+def file_dead_letter(url: str, message: str) -> DeadLetter:
+    """The dead letter of an input file that cannot be read as Parquet (its rows are
+    unknown: it counts as one record read and rejected)."""
+    return DeadLetter(url, None, None, None, UNREADABLE_FILE, message,
+                      record_json({"file": url}))
 
 
 def chunk_dead_letter(chunk: Chunk, reason: str, message: str) -> DeadLetter:

@@ -3,8 +3,8 @@
 (:mod:`storage.state`), and the fault points tests use (:mod:`storage.faults`)."""
 from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
 from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
-from storage.files import (IntegrityError, StorageError, check_location, exists,
-                           expand_glob, iter_parquet, join, list_files, list_names,
+from storage.files import (IntegrityError, StorageError, UnreadableFile, check_location,
+                           exists, expand_glob, iter_parquet, join, list_files, list_names,
                            local_copy, local_copy_checkpoint, read_bytes, read_ipc_rows,
                            read_json, read_table, remove_file, remove_tree, write_ipc,
                            write_json, write_table)
@@ -15,7 +15,7 @@ from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, Sta
 __all__ = [
     "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
-    "StateStore", "StorageError", "UnsupportedLocation", "check_location",
+    "StateStore", "StorageError", "UnreadableFile", "UnsupportedLocation", "check_location",
     "check_retention",
     "exists", "expand_glob", "fault_point", "file_key", "iter_parquet", "join",
     "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",

@@ -28,6 +28,10 @@ class StorageError(RuntimeError):
     """A file or directory cannot be read or written, or holds something unexpected."""
 
 
+class UnreadableFile(StorageError):
+    """An input file that is not readable Parquet (damaged, empty, another format)."""
+
+
 class IntegrityError(StorageError):
     """A snapshot file does not match its manifest (truncated, altered or missing)."""
 
@@ -286,8 +290,10 @@ def iter_parquet(url: str, batch_bytes: int) -> Iterator[tuple[int, pa.Table]]:
             for batch in parquet.iter_batches(batch_size=rows):
                 yield first_row, pa.Table.from_batches([batch])
                 first_row += batch.num_rows
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError,
+                pa.ArrowCapacityError) as error:
+            raise UnreadableFile(f"{url} is not a readable Parquet file: "
+                                 f"{str(error).splitlines()[0]}") from error
 
 
 def write_ipc(url: str, table: pa.Table, batch_rows: int) -> None:

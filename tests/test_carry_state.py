@@ -173,3 +173,26 @@ def test_a_portable_job_services_metrics_are_read_fresh_and_the_summary_says_ok(
     assert live["steps_processed"] == report["steps_processed"]
     line = summary_line(report)
     assert line.startswith("seqcarry: ok: run portable committed: ") and "\n" not in line
+
+
+def test_an_unreadable_input_file_is_one_dead_letter_and_the_run_goes_on(workload,
+                                                                        tmp_path):
+    """Read inside the job, a file that is not Parquet cannot stop the run: it is
+    rejected as a file, and every other file is applied."""
+    from pipeline.build import run_job
+
+    directory = tmp_path / "in"
+    write_chunk_files(str(directory), [Chunk("a", 0, np.ones((2, 3), np.float32))],
+                      files=1, rng=np.random.default_rng(0))
+    (directory / "empty.parquet").write_bytes(b"")
+    (directory / "magic-only.parquet").write_bytes(b"PAR1PAR1")
+    (directory / "text.parquet").write_text("sequence_id,chunk_index\na,1\n")
+    report = run_job(RunConfig(workload[0], str(directory), str(tmp_path / "state"),
+                               str(tmp_path / "outputs"), run_id="r1"), USER_IN_PROCESS)
+    assert (report["chunks_read"], report["chunks_processed"], report["chunks_rejected"]) == (
+        4, 1, 3)
+    assert report["chunks_rejected_by_reason"] == {"unreadable_file": 3}
+    letters = [row for path in report["dead_letters"] for row in pq.read_table(path).to_pylist()]
+    assert sorted(os.path.basename(row["source"]) for row in letters) == [
+        "empty.parquet", "magic-only.parquet", "text.parquet"]
+    assert all("not a readable Parquet file" in row["message"] for row in letters)

@@ -26,14 +26,16 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.transforms import window
 
 import storage
 from schemas.contract import InputError
 from schemas.manifest import checked_run_id, new_attempt_id
 from transforms import staging
 from transforms.commit import CommitRun, CommitTarget
-from transforms.dofns import (COUNTS, LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
-                              ApplyChunks, ReadSnapshotFile, RouteIds, ValidateChunks,
+from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_FILE,
+                              ApplyChunks, GatherLedger, ReadSnapshotFile, RouteIds, ValidateChunks,
                               WriteDeadLetters, WriteFinalStates, WriteManifest,
                               WriteOutputPart, WriteSnapshotShard, split)
 from transforms.model import ModelError, ModelOptions, RecurrentStack, load_model
@@ -161,6 +163,12 @@ class CarryState(beam.PTransform):
     def expand(self, records):
         plan, stack = self.plan, self.plan.stack
         store = storage.StateStore(plan.state)
+        if "Dask" in str(records.pipeline.options.view_as(StandardOptions).runner):
+            _LOG.warning("event=dask_commit_last run_id=%s: Beam's DaskRunner computes only "
+                         "the graph behind the last transform applied; apply nothing after "
+                         "CarryState, or its commit does not run", plan.run_id)
+        # One run is one commit: whatever windows the records had, they are one batch.
+        records = records | "OneWindow" >> beam.WindowInto(window.GlobalWindows())
         read = split(records | "Validate" >> beam.ParDo(ValidateChunks(
             stack.input_dim, plan.allow_non_finite, plan.run_id,
             store.staging_url(plan.run_id, plan.attempt), stack.vocabulary)),
@@ -190,18 +198,16 @@ class CarryState(beam.PTransform):
             "final_states": applied["ended"] | "FinalStateRecords" >> beam.Map(
                 _final_state_record, stack.state_names),
         }
-        # A run with no input at all still commits (a snapshot like its parent's).
-        seed = records.pipeline | "LedgerSeed" >> beam.Create([(COUNTS, {"chunks_read": 0})])
-        ledger = [seed, read[LEDGER], applied[LEDGER], self._write_snapshot(applied, sizing)]
+        ledger = [read[LEDGER], applied[LEDGER], self._write_snapshot(applied, sizing)]
         if plan.outputs is not None:
             ledger += self._write_outputs(applied, dead_letters)
-        # The manifest depends on every write through the ledger, and the commit is
-        # applied last: Beam's DaskRunner computes only the graph behind the last one.
+        # The manifest depends on every write through the ledger (gathered even when
+        # empty: a run with no input still commits), and the commit is applied last:
+        # Beam's DaskRunner computes only the graph behind the last one.
         results["report"] = (
             ledger
             | "Ledger" >> beam.Flatten()
-            | "OneKey" >> beam.Map(lambda entry: (None, entry))
-            | "GatherLedger" >> beam.GroupByKey()
+            | "GatherLedger" >> beam.CombineGlobally(GatherLedger())
             | "WriteManifest" >> beam.ParDo(WriteManifest(
                 plan.state, plan.run_id, plan.attempt, plan.planner.run_number,
                 datetime.datetime.fromtimestamp(plan.planned_at, datetime.timezone.utc)

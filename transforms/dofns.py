@@ -31,7 +31,8 @@ from schemas import (CarriedState, Chunk, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
 from schemas.manifest import shard_of_file
-from schemas.validation import ChunkRows, as_chunk_rows, chunk_dead_letter, validate_chunks
+from schemas.validation import (ChunkRows, as_chunk_rows, chunk_dead_letter,
+                                file_dead_letter, validate_chunks)
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, RunSizing,
                                    split_into_batches, stable_bucket)
 from transforms import staging
@@ -84,8 +85,12 @@ class ReadParquetBatches(beam.DoFn):
     batches of about :data:`READ_BATCH_BYTES`, never the whole file at once."""
 
     def process(self, url: str):
-        for first_row, table in storage.iter_parquet(url, READ_BATCH_BYTES):
-            yield ChunkRows(table, url, first_row)
+        try:
+            for first_row, table in storage.iter_parquet(url, READ_BATCH_BYTES):
+                yield ChunkRows(table, url, first_row)
+        except storage.UnreadableFile as error:
+            # Rows already read went on; the file is one dead letter, not a failed job.
+            yield file_dead_letter(url, str(error))
 
 
 class ReadChunkFiles(beam.PTransform):
@@ -399,8 +404,37 @@ class WriteFinalStates(_WriteRunFile):
         yield from self._write(FINAL_STATE_FILE, f"{shard:05d}", table, started)
 
 
+class GatherLedger(beam.CombineFn):
+    """Ledger entries -> one list: the counts summed into one entry (added up where
+    they are made, so a run of millions of records does not send millions of entries
+    to one worker), then every file record."""
+
+    def create_accumulator(self) -> tuple[collections.Counter, list]:
+        return collections.Counter(), []
+
+    def add_input(self, accumulator, entry):
+        kind, payload = entry
+        if kind == COUNTS:
+            accumulator[0].update(payload)
+        else:
+            accumulator[1].append(entry)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        counts, files = self.create_accumulator()
+        for more_counts, more_files in accumulators:
+            counts.update(more_counts)
+            files.extend(more_files)
+        return counts, files
+
+    def extract_output(self, accumulator) -> list:
+        counts, files = accumulator
+        return [(COUNTS, dict(counts))] + files
+
+
 class WriteManifest(beam.DoFn):
-    """All ledger entries -> the attempt's manifest (not yet committed); emits it.
+    """The gathered ledger (see :class:`GatherLedger`) -> the attempt's manifest (not
+    yet committed); emits it.
 
     ``parent`` is the manifest the run started from (None for the first run) and
     ``inherit`` whether the new snapshot keeps the parent's layers (see
@@ -421,8 +455,7 @@ class WriteManifest(beam.DoFn):
         self._fingerprint = model_fingerprint
         self._state_names = tuple(state_names)
 
-    def process(self, element):
-        _, entries = element
+    def process(self, entries: list):
         counts: collections.Counter = collections.Counter()
         files = collections.defaultdict(list)
         if self._parent is not None and self._inherit:

@@ -210,7 +210,7 @@ def bucket_of(hashes: int | np.ndarray, buckets: int) -> int | np.ndarray:
     if isinstance(hashes, np.ndarray):
         return ((hashes.astype(np.uint64) * np.uint64(buckets)) >> np.uint64(32)).astype(
             np.int64)
-    return (hashes * buckets) >> 32
+    return (int(hashes) * buckets) >> 32  # a Python int: a numpy scalar could wrap
 
 
 # Bounds on what one bucket holds in memory (see size_run).
