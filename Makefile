@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv run test test-all bench clean
+.PHONY: venv run test test-all bench clean prism flink-up flink-down
 
 venv: $(INSTALLED)
 
@@ -32,3 +32,14 @@ bench: $(INSTALLED)
 
 clean:
 	rm -rf build .pytest_cache
+
+# Real engines on 127.0.0.1 (docs/runners.md, "Engines on this machine"). Each prints as its
+# last line the flags to add to `seqcarry run`.
+prism: $(INSTALLED)
+	engines/prism.sh
+
+flink-up: $(INSTALLED)
+	$(BIN)/python engines/flink.py up
+
+flink-down:
+	$(BIN)/python engines/flink.py down

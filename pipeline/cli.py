@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -339,14 +340,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return known[0] if known else 1
 
 
-def entry_point() -> None:
-    """The ``seqcarry`` command: :func:`main`, then exit without the interpreter's
-    teardown. Once the work is done and the output flushed, nothing is left to clean
-    up, while C++ threads of TensorFlow, gRPC (Beam) or Arrow racing the teardown
-    sometimes abort the process ("terminate called without an active exception",
-    exit 134) after it has printed its result."""
-    code = main()
+def exit_now(code: int) -> None:
+    """Exit with ``code`` without the interpreter's teardown. C++ threads of
+    TensorFlow, gRPC (Beam) or Arrow racing the teardown sometimes abort the process
+    ("terminate called without an active exception", exit 134) after it has printed
+    its result. The exit handlers still run first: Beam's stop the servers it started
+    (a Prism runner, a Flink job server)."""
+    # Stopping them is expected here: Beam's "Really destroying service" warning is not
+    # for users, and the run's summary stays the last line.
+    logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
+    atexit._run_exitfuncs()  # what a normal exit runs before the teardown
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def entry_point() -> None:
+    """The ``seqcarry`` command: :func:`main`, then :func:`exit_now`."""
+    exit_now(main())

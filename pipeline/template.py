@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, classify_error
+from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, classify_error, exit_now
 from pipeline.options import ArgumentParser, InputError, add_run_arguments
 
 # Set by the launcher whatever the parameters say, so not a template parameter.
@@ -162,14 +161,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 def launch() -> None:
     """The template image's entry point: :func:`cli` with progress lines on stderr,
-    then exit without the interpreter's teardown (as ``seqcarry`` does: C++ threads
-    racing it sometimes abort a process that has done its work)."""
+    then :func:`~pipeline.cli.exit_now`, as ``seqcarry`` exits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    code = cli()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(cli())
 
 
 if __name__ == "__main__":

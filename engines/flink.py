@@ -1,0 +1,322 @@
+"""A local standalone Flink cluster for seqcarry, on 127.0.0.1: one JobManager, two
+TaskManagers (one slot each, separate JVMs), Beam's Flink job server and an EXTERNAL
+Python SDK worker pool, all started from build/flink/ and stopped by PID.
+
+    python engines/flink.py up      # idempotent; last line: flags for `seqcarry run`
+    python engines/flink.py down    # stops exactly what `up` started
+    python engines/flink.py status
+
+Versions (environment variables):
+  FLINK_VERSION (1.19.3)         the Flink distribution, from PyPI's apache-flink wheels
+  BEAM_JAVA_VERSION (2.62.0)     Beam's Flink runner from Maven Central. Maven Central as
+                                 reached here serves no `beam-runners-flink-*-job-server`
+                                 artifact at all (2.77.0 included), so the job server is
+                                 assembled from `beam-runners-flink-<minor>` and its
+                                 dependencies (2.62.0: the newest whose dependencies all
+                                 resolve) into one jar; an official job-server jar is used
+                                 when Maven serves it.
+Ports: FLINK_REST_PORT (8081), FLINK_RPC_PORT (6123), FLINK_JOB_PORT (8099; +1 artifacts,
++2 expansion), FLINK_WORKER_POOL_PORT (50000).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOME = os.path.join(ROOT, "build", "flink")
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+FLINK_VERSION = os.environ.get("FLINK_VERSION", "1.19.3")
+FLINK_MINOR = ".".join(FLINK_VERSION.split(".")[:2])
+BEAM_JAVA = os.environ.get("BEAM_JAVA_VERSION", "2.62.0")
+REST_PORT = int(os.environ.get("FLINK_REST_PORT", "8081"))
+RPC_PORT = int(os.environ.get("FLINK_RPC_PORT", "6123"))
+JOB_PORT = int(os.environ.get("FLINK_JOB_PORT", "8099"))
+POOL_PORT = int(os.environ.get("FLINK_WORKER_POOL_PORT", "50000"))
+HOST = "127.0.0.1"
+
+DIST = os.path.join(HOME, "dist-" + FLINK_VERSION)
+FLINK_HOME = os.path.join(DIST, "pyflink")
+CONF = os.path.join(HOME, "conf")
+LOGS = os.path.join(HOME, "log")
+PIDS = os.path.join(HOME, "run")
+M2 = os.path.join(HOME, "m2")
+JAR = os.path.join(HOME, f"beam-runners-flink-{FLINK_MINOR}-job-server-{BEAM_JAVA}.jar")
+
+# name -> what to run; the order is the start order (stopped in reverse)
+SERVICES = ("jobmanager", "taskmanager-1", "taskmanager-2", "job-server", "worker-pool")
+
+
+def log(message: str) -> None:
+    print(f"flink: {message}", file=sys.stderr, flush=True)
+
+
+BOOT = os.path.join(ROOT, "engines", "sdk-boot")
+
+
+def flags() -> str:
+    # PROCESS, not EXTERNAL: both TaskManagers name their first SDK worker "1-1", and one
+    # shared worker pool keeps one process per name, so when one TaskManager stops its
+    # worker the pool kills the other's (the job fails: "CANCELLED: client cancelled").
+    return (f"--runner=FlinkRunner --flink_master={HOST}:{REST_PORT} "
+            f"--job_endpoint={HOST}:{JOB_PORT} --environment_type=PROCESS "
+            f"--environment_options=process_command={BOOT} --parallelism=2")
+
+
+# ---- installation (cached under build/flink/) ----
+
+def install_flink() -> None:
+    if os.path.exists(os.path.join(FLINK_HOME, "bin", "jobmanager.sh")):
+        return
+    log(f"installing the Flink {FLINK_VERSION} distribution (PyPI wheels, --no-deps) "
+        f"into {DIST}")
+    subprocess.run([os.path.join(VENV_BIN, "python"), "-m", "pip", "install", "--quiet",
+                    "--no-deps", "--target", DIST, f"apache-flink=={FLINK_VERSION}",
+                    f"apache-flink-libraries=={FLINK_VERSION}"], check=True)
+    for name in os.listdir(os.path.join(FLINK_HOME, "bin")):
+        os.chmod(os.path.join(FLINK_HOME, "bin", name), 0o755)
+
+
+def mvn(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mvn", "-B", "-q", f"-Dmaven.repo.local={M2}", *args],
+                          capture_output=True, text=True)
+
+
+def fetch_job_server() -> None:
+    if os.path.exists(JAR):
+        return
+    official = f"org.apache.beam:beam-runners-flink-{FLINK_MINOR}-job-server:{BEAM_JAVA}"
+    log(f"fetching {official} with mvn")
+    done = mvn("dependency:copy", f"-Dartifact={official}", "-Dtransitive=false",
+               f"-DoutputDirectory={HOME}", "-Dmdep.stripVersion=false")
+    if done.returncode == 0 and os.path.exists(JAR):
+        return
+    log(f"Maven serves no {official}; assembling it from "
+        f"beam-runners-flink-{FLINK_MINOR}:{BEAM_JAVA} and its dependencies")
+    work = os.path.join(HOME, "job-server-build")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    with open(os.path.join(work, "pom.xml"), "w") as pom:
+        pom.write(f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>seqcarry</groupId><artifactId>flink-job-server</artifactId><version>1</version>
+  <dependencies><dependency><groupId>org.apache.beam</groupId>
+    <artifactId>beam-runners-flink-{FLINK_MINOR}</artifactId><version>{BEAM_JAVA}</version>
+  </dependency></dependencies>
+</project>
+""")
+    done = mvn("-f", os.path.join(work, "pom.xml"), "dependency:copy-dependencies",
+               "-DincludeScope=runtime", f"-DoutputDirectory={os.path.join(work, 'lib')}")
+    if done.returncode != 0:
+        sys.exit(f"flink: mvn could not resolve beam-runners-flink-{FLINK_MINOR}:{BEAM_JAVA}:"
+                 f"\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    merge_jars(sorted(os.path.join(work, "lib", name)
+                      for name in os.listdir(os.path.join(work, "lib"))), JAR + ".tmp")
+    os.replace(JAR + ".tmp", JAR)
+    shutil.rmtree(work)
+
+
+def merge_jars(jars: list[str], target: str) -> None:
+    """One runnable jar, as the job server's shadow jar: the first copy of each class
+    wins, META-INF/services files are concatenated, signatures are dropped."""
+    services: dict[str, list[bytes]] = {}
+    seen = set()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as out:
+        out.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\nMain-Class: "
+                     "org.apache.beam.runners.flink.FlinkJobServerDriver\n\n")
+        seen.add("META-INF/MANIFEST.MF")
+        for jar in jars:
+            with zipfile.ZipFile(jar) as source:
+                for entry in source.infolist():
+                    name = entry.filename
+                    upper = name.upper()
+                    if entry.is_dir() or name in seen or upper.endswith(
+                            (".SF", ".DSA", ".RSA", "META-INF/INDEX.LIST")):
+                        continue
+                    if name.startswith("META-INF/services/"):
+                        services.setdefault(name, []).append(source.read(entry))
+                        continue
+                    seen.add(name)
+                    out.writestr(entry, source.read(entry))
+        for name, parts in services.items():
+            out.writestr(name, b"\n".join(part.rstrip(b"\n") for part in parts) + b"\n")
+
+
+def write_conf() -> None:
+    os.makedirs(CONF, exist_ok=True)
+    for name in ("log4j.properties", "log4j-console.properties", "log4j-cli.properties"):
+        shutil.copy(os.path.join(FLINK_HOME, "conf", name), CONF)
+    tmp = os.path.join(HOME, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    # Small for a 2-core shared machine (the Python SDK workers run outside the JVMs), but
+    # Beam batch jobs need ~512 network buffers (32 KiB) per TaskManager: 64m is too few.
+    settings = {
+        "jobmanager.rpc.address": HOST, "jobmanager.rpc.port": RPC_PORT,
+        "jobmanager.bind-host": HOST, "rest.address": HOST, "rest.bind-address": HOST,
+        "rest.port": REST_PORT, "taskmanager.host": HOST, "taskmanager.bind-host": HOST,
+        "jobmanager.memory.process.size": "1024m",
+        "taskmanager.memory.process.size": "1280m",
+        "taskmanager.memory.managed.size": "32m",
+        "taskmanager.memory.network.min": "256m", "taskmanager.memory.network.max": "256m",
+        "taskmanager.numberOfTaskSlots": 1, "parallelism.default": 2,
+        "io.tmp.dirs": tmp, "web.tmpdir": tmp, "blob.storage.directory": tmp,
+        "env.java.opts.all": "-XX:ActiveProcessorCount=2",
+    }
+    with open(os.path.join(CONF, "config.yaml"), "w") as conf:
+        conf.writelines(f"{key}: {value}\n" for key, value in settings.items())
+
+
+# ---- processes ----
+
+def pid_file(name: str) -> str:
+    return os.path.join(PIDS, name + ".pid")
+
+
+def running(name: str) -> int | None:
+    """The PID of a service started by `up`, if that process still runs."""
+    try:
+        with open(pid_file(name)) as handle:
+            pid = int(handle.read().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if HOME.encode() in cmdline or ROOT.encode() in cmdline else None
+
+
+def start(name: str, command: list[str], env: dict) -> None:
+    os.makedirs(PIDS, exist_ok=True)
+    os.makedirs(LOGS, exist_ok=True)
+    with open(os.path.join(LOGS, name + ".log"), "ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=HOME,
+                                   start_new_session=True)
+    with open(pid_file(name), "w") as handle:
+        handle.write(f"{process.pid}\n")
+    log(f"started {name} (pid {process.pid}, log {os.path.join(LOGS, name + '.log')})")
+
+
+def commands() -> dict[str, tuple[list[str], dict]]:
+    flink_env = dict(os.environ, FLINK_HOME=FLINK_HOME, FLINK_CONF_DIR=CONF,
+                     FLINK_LOG_DIR=LOGS)
+    bin_ = os.path.join(FLINK_HOME, "bin")
+    # The worker pool starts each SDK worker through engines/sdk-boot (the venv's python,
+    # with the job's pipeline options); the venv also goes first on PATH.
+    pool_env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    return {
+        "jobmanager": ([os.path.join(bin_, "jobmanager.sh"), "start-foreground"], flink_env),
+        "taskmanager-1": ([os.path.join(bin_, "taskmanager.sh"), "start-foreground"],
+                          flink_env),
+        "taskmanager-2": ([os.path.join(bin_, "taskmanager.sh"), "start-foreground"],
+                          flink_env),
+        "job-server": (["java", "-Xmx512m", "-XX:ActiveProcessorCount=2", "-jar", JAR,
+                        "--flink-master", f"{HOST}:{REST_PORT}", "--job-host", HOST,
+                        "--job-port", str(JOB_PORT), "--artifact-port", str(JOB_PORT + 1),
+                        "--expansion-port", str(JOB_PORT + 2),
+                        "--artifacts-dir", os.path.join(HOME, "artifacts"),
+                        "--flink-conf-dir", CONF], dict(os.environ)),
+        "worker-pool": ([os.path.join(VENV_BIN, "python"), "-m",
+                         "apache_beam.runners.worker.worker_pool_main",
+                         f"--service_port={POOL_PORT}",
+                         f"--container_executable={BOOT}"],
+                        pool_env),
+    }
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def taskmanagers() -> int:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{REST_PORT}/overview", timeout=2) as r:
+            return int(json.load(r).get("taskmanagers", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def ready() -> bool:
+    return taskmanagers() >= 2 and port_open(JOB_PORT) and port_open(POOL_PORT)
+
+
+def up(timeout_s: float = 180) -> None:
+    alive = {name: running(name) for name in SERVICES}
+    if all(alive.values()) and ready():
+        log("already running: " + ", ".join(f"{n} {p}" for n, p in alive.items()))
+        print(flags())
+        return
+    if any(alive.values()):
+        log("partly running: stopping what is left first")
+        down()
+    busy = [port for port in (REST_PORT, RPC_PORT, JOB_PORT, POOL_PORT) if port_open(port)]
+    if busy:
+        sys.exit(f"flink: ports {busy} on {HOST} are taken by processes not started here")
+    install_flink()
+    fetch_job_server()
+    write_conf()
+    began = time.monotonic()
+    for name, (command, env) in commands().items():
+        start(name, command, env)
+    while not ready():
+        dead = [name for name in SERVICES if not running(name)]
+        if dead or time.monotonic() - began > timeout_s:
+            for name in dead or SERVICES:
+                path = os.path.join(LOGS, name + ".log")
+                if os.path.exists(path):
+                    with open(path, errors="replace") as handle:
+                        log(f"--- {path} (tail)\n" + "".join(handle.readlines()[-15:]))
+            down()
+            sys.exit(f"flink: not ready after {time.monotonic() - began:.0f} s"
+                     + (f" ({', '.join(dead)} exited)" if dead else ""))
+        time.sleep(1)
+    log(f"ready in {time.monotonic() - began:.1f} s: JobManager http://{HOST}:{REST_PORT}, "
+        f"2 TaskManagers, job server {HOST}:{JOB_PORT}, worker pool {HOST}:{POOL_PORT}")
+    log(f"or, with a job server per run: --runner=FlinkRunner "
+        f"--flink_master={HOST}:{REST_PORT} --flink_job_server_jar={JAR} "
+        f"--environment_type=PROCESS --environment_options=process_command={BOOT} --parallelism=2")
+    log(f"EXTERNAL (worker pool {HOST}:{POOL_PORT}) works with one TaskManager only, or "
+        f"for --runner=PortableRunner: with two, the shared pool kills workers (see flags())")
+    print(flags())
+
+
+def down() -> None:
+    for name in reversed(SERVICES):
+        pid = running(name)
+        if pid:
+            os.killpg(pid, signal.SIGTERM)  # its own session: the JVM or the pool + workers
+            for _ in range(100):
+                if running(name) is None or not os.path.exists(f"/proc/{pid}"):
+                    break
+                try:
+                    if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                        break
+                except OSError:
+                    break
+                time.sleep(0.2)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            log(f"stopped {name} (pid {pid})")
+        if os.path.exists(pid_file(name)):
+            os.remove(pid_file(name))
+
+
+def status() -> None:
+    for name in SERVICES:
+        pid = running(name)
+        print(f"{name}: {'pid ' + str(pid) if pid else 'not running'}")
+    print(f"taskmanagers registered: {taskmanagers()}")
+
+
+if __name__ == "__main__":
+    actions = {"up": up, "down": down, "status": status}
+    if len(sys.argv) != 2 or sys.argv[1] not in actions:
+        sys.exit("usage: flink.py up|down|status")
+    actions[sys.argv[1]]()
