@@ -4,7 +4,7 @@
 from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
 from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
 from storage.files import (IntegrityError, StorageError, UnreadableFile, check_location,
-                           exists, expand_glob, iter_parquet, join, list_files, list_names,
+                           exists, iter_parquet, join, list_files, list_names,
                            local_copy, local_copy_checkpoint, read_bytes, read_ipc_rows,
                            read_json, read_table, remove_file, remove_tree, write_ipc,
                            write_json, write_table)
@@ -17,7 +17,7 @@ __all__ = [
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
     "StateStore", "StorageError", "UnreadableFile", "UnsupportedLocation", "check_location",
     "check_retention",
-    "exists", "expand_glob", "fault_point", "file_key", "iter_parquet", "join",
+    "exists", "fault_point", "file_key", "iter_parquet", "join",
     "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",
     "read_bytes", "read_ipc_rows", "read_json", "read_json_object", "read_table",
     "remove_file", "remove_tree", "run_file_url", "write_ipc", "write_json",

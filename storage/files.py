@@ -88,11 +88,6 @@ def list_files(pattern: str) -> list[tuple[str, int]]:
                   for name, info in found.items() if info.get("type") != "directory")
 
 
-def expand_glob(pattern: str) -> list[str]:
-    """Files matching ``pattern`` (a path, directory or glob), sorted."""
-    return [url for url, _ in list_files(pattern)]
-
-
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     with storage_errors(url, "look up"):

@@ -76,7 +76,7 @@ def test_a_run_dying_at_any_stage_harms_nothing(workload, tmp_path, never_failed
     # The dead attempt's files stay in folders of their own until they are older than
     # the grace period; then gc removes them.
     store.prune(10, str(tmp_path / "outputs"), grace_seconds=0)
-    on_disk = set(storage.expand_glob(str(tmp_path / "outputs")))
+    on_disk = {url for url, _ in storage.list_files(str(tmp_path / "outputs"))}
     assert on_disk == listed
     store.verify()
 
