@@ -62,9 +62,10 @@ def plan_run(config: RunConfig) -> RunPlan:
     listed = {url: size for pattern in config.chunks for url, size in storage.list_files(pattern)}
     if not listed:
         raise InputError(f"no Parquet files match --chunks {' '.join(config.chunks)}")
+    input_bytes = sum(listed.values())
     _LOG.info("event=listed run_id=%s files=%d bytes=%d", carry.run_id, len(listed),
-              sum(listed.values()))
-    return RunPlan(config, carry, tuple(sorted(listed)), sum(listed.values()))
+              input_bytes)
+    return RunPlan(config, carry, tuple(sorted(listed)), input_bytes)
 
 
 def build(pipeline: beam.Pipeline, plan: RunPlan) -> dict[str, beam.PCollection]:
@@ -243,7 +244,6 @@ class ProgressWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="seqcarry-progress",
                                         daemon=True)
-        self.lines = 0
 
     def __enter__(self) -> "ProgressWatcher":
         if not PipelineState.is_terminal(self._result.state):
@@ -266,7 +266,6 @@ class ProgressWatcher:
             shown = {name: metrics[name] for name in PROGRESS_COUNTERS if name in metrics}
             if shown and shown != last:
                 _LOG.info("event=progress %s", " ".join(f"{k}={v}" for k, v in shown.items()))
-                self.lines += 1
                 last = shown
 
 

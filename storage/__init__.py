@@ -4,10 +4,10 @@
 from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
 from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
 from storage.files import (IntegrityError, StorageError, UnreadableFile, check_location,
-                           exists, iter_parquet, join, list_files, list_names,
-                           local_copy, local_copy_checkpoint, read_bytes, read_ipc_rows,
-                           read_json, read_table, remove_file, remove_tree, write_ipc,
-                           write_json, write_table)
+                           exists, ipc_file_bytes, iter_parquet, join, list_files,
+                           list_names, local_copy, local_copy_checkpoint, read_bytes,
+                           read_ipc_rows, read_json, read_table, remove_file, remove_tree,
+                           write_bytes, write_json, write_table)
 from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, StateStore,
                            UnsupportedLocation, check_retention, file_key,
                            read_json_object, run_file_url)
@@ -17,9 +17,9 @@ __all__ = [
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
     "StateStore", "StorageError", "UnreadableFile", "UnsupportedLocation", "check_location",
     "check_retention",
-    "exists", "fault_point", "file_key", "iter_parquet", "join",
+    "exists", "fault_point", "ipc_file_bytes", "file_key", "iter_parquet", "join",
     "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",
     "read_bytes", "read_ipc_rows", "read_json", "read_json_object", "read_table",
-    "remove_file", "remove_tree", "run_file_url", "write_ipc", "write_json",
+    "remove_file", "remove_tree", "run_file_url", "write_bytes", "write_json",
     "write_table",
 ]

@@ -291,20 +291,19 @@ def iter_parquet(url: str, batch_bytes: int) -> Iterator[tuple[int, pa.Table]]:
                                  f"{str(error).splitlines()[0]}") from error
 
 
-def write_ipc(url: str, table: pa.Table, batch_rows: int) -> None:
-    """Write ``table`` as an Arrow IPC file in record batches of ``batch_rows`` rows (the
-    last one fewer), so :func:`read_ipc_rows` reads a row range without the rest. For
-    transient files: IPC costs nothing to encode or decode, and they are not synced to
-    disk (a crash loses the run using them)."""
+def ipc_file_bytes(table: pa.Table, batch_rows: int) -> pa.Buffer:
+    """``table`` as the bytes of an Arrow IPC file in record batches of ``batch_rows``
+    rows (the last one fewer), so :func:`read_ipc_rows` reads a row range without the
+    rest. IPC costs nothing to encode or decode: for transient files."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
             writer.write_batch(batch)
-    write_bytes(url, sink.getvalue(), durable=False)
+    return sink.getvalue()
 
 
 def read_ipc_rows(url: str, start: int, stop: int, batch_rows: int) -> pa.Table:
-    """Rows ``[start, stop)`` of an IPC file written by :func:`write_ipc`, reading only
+    """Rows ``[start, stop)`` of an IPC file made by :func:`ipc_file_bytes`, reading only
     the record batches that hold them."""
     fs, path = filesystem(url)
     with storage_errors(url, "read"), fs.open(path, "rb") as handle:

@@ -47,12 +47,11 @@ def stage(chunks: Sequence[Chunk], folder: str) -> StagedChunks:
         hashes[i], chunks[i].sequence_id, chunks[i].chunk_index, chunks[i].source,
         chunks[i].row if chunks[i].row is not None else -1))
     # The pending-chunk schema keeps each chunk's run, input file and row.
-    table = chunks_to_table([chunks[i] for i in order], pending=True)
-    content = hashlib.sha256()
-    for batch in table.to_batches():
-        content.update(batch.serialize())
-    url = storage.join(folder, content.hexdigest()[:32] + ".arrow")
-    storage.write_ipc(url, table, BATCH_ROWS)
+    data = storage.ipc_file_bytes(chunks_to_table([chunks[i] for i in order], pending=True),
+                                  BATCH_ROWS)
+    url = storage.join(folder, hashlib.sha256(data).hexdigest()[:32] + ".arrow")
+    # Not synced to disk: a crash loses the attempt that staged it, nothing else.
+    storage.write_bytes(url, data, durable=False)
     return StagedChunks(url, hashes[order])
 
 
