@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from typing import Any, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions,
+                                                  StandardOptions)
 from apache_beam.runners.runner import PipelineState
 
 import storage
-from pipeline.options import (ArgumentParser, InputError, RunConfig, add_run_arguments,
-                              refuse_unknown)
+from pipeline.options import (ArgumentParser, InputError, JobFailedError, RunConfig,
+                              add_run_arguments, check_engine_options,
+                              flink_master_unreachable, refuse_unknown)
 from transforms.carry import CarryPlan, CarryState, plan_carry
 from transforms.dofns import ReadChunkFiles
 from transforms.session import METRICS_NAMESPACE
@@ -27,6 +30,16 @@ from transforms.session import METRICS_NAMESPACE
 _LOG = logging.getLogger("seqcarry")
 RUNNER_ALIASES = {None: "FnApiRunner", "DirectRunner": "FnApiRunner",
                   "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+# How Beam's portable runners (Flink, Prism, a job service) report a failed job, and
+# the errors of seqcarry's that a worker's traceback in that report may end with.
+RUNNER_JOB_FAILED = re.compile(r"Pipeline \S+ failed in state \w+")
+PYTHON_ERROR = re.compile(r"(?P<kind>[A-Za-z_][\w.]*(Error|Exception|File|Location)): "
+                          r"(?P<message>.*)")
+WORKER_ERRORS = {"StateConflictError": storage.StateConflictError,
+                 **dict.fromkeys(("StorageError", "IntegrityError", "UnreadableFile"),
+                                 storage.StorageError),
+                 **dict.fromkeys(("InputError", "ContractError", "ModelError",
+                                  "UnsupportedLocation"), InputError)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +130,41 @@ def pipeline_options(config: RunConfig, beam_args: Sequence[str] = ()) -> Pipeli
     options = config.pipeline_options(beam_args)
     standard = options.view_as(StandardOptions)
     standard.runner = RUNNER_ALIASES.get(standard.runner, standard.runner)
+    check_engine_options(options)
     return options
+
+
+def job_failure(plan: RunPlan, options: PipelineOptions,
+                error: Exception) -> Exception | None:
+    """What a portable runner's "Pipeline ... failed" means, in one line. A seqcarry
+    error a worker raised (its traceback is in the message) is that error again, with
+    its exit code; any other Python error is a bug (None: the failure stands). A Flink
+    job that failed while ``--flink_master`` does not answer is bad input; anything else on
+    the engine (a lost TaskManager) is a failed job, :class:`JobFailedError`."""
+    message = RUNNER_JOB_FAILED.sub("", str(error), count=1).lstrip(": ")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in message:
+        raised = [match for line in lines if (match := PYTHON_ERROR.match(line))]
+        kind = raised[-1]["kind"].rsplit(".", 1)[-1] if raised else ""
+        return (WORKER_ERRORS[kind](raised[-1]["message"]) if kind in WORKER_ERRORS
+                else None)
+    runner = options.view_as(StandardOptions).runner or ""
+    if "Flink" in runner:  # a job server that could not submit: is the cluster there?
+        unreachable = flink_master_unreachable(
+            options.view_as(FlinkRunnerOptions).flink_master or "")
+        if unreachable:
+            return InputError(unreachable)
+    parent = plan.carry.parent_pointer
+    return JobFailedError(
+        f"the {runner} job of run {plan.run_id} attempt {plan.attempt} failed and "
+        f"committed nothing (the state is still {parent.run_id if parent else 'empty'}); "
+        f"the runner said: {lines[0][:500] if lines else type(error).__name__}")
 
 
 def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
     """Submit the job; unless ``--no-wait``, wait for it and return its report."""
-    pipeline = beam.Pipeline(options=pipeline_options(plan.config, beam_args))
+    options = pipeline_options(plan.config, beam_args)
+    pipeline = beam.Pipeline(options=options)
     build(pipeline, plan)
     store = storage.StateStore(plan.config.state)
     result = None
@@ -135,6 +177,8 @@ def execute(plan: RunPlan, beam_args: Sequence[str] = ()) -> dict:
             result.wait_until_finish()
     except Exception as error:
         outcome = outcome_of_failure(plan, store, error)
+        if outcome is None and RUNNER_JOB_FAILED.match(str(error)):
+            outcome = job_failure(plan, options, error)
         if outcome is None:
             raise
         raise outcome from error

@@ -11,12 +11,12 @@ import traceback
 from typing import Sequence
 
 import storage
-from pipeline.options import (ArgumentParser, InputError, RunConfig, add_model_arguments,
+from pipeline.options import (ArgumentParser, InputError, JobFailedError, RunConfig, add_model_arguments,
                               add_model_options, add_orphan_grace_argument,
                               add_run_arguments, model_options,
                               refuse_unknown)
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT = 0, 2, 3, 4
+EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT, EXIT_JOB_FAILED = 0, 2, 3, 4, 5
 
 RUN_EPILOG = """\
 Every option also takes Beam's underscore spelling (--batch_size for --batch-size).
@@ -47,6 +47,8 @@ EXIT_CODES = f"""\
 exit codes: {EXIT_OK} ok, {EXIT_BAD_INPUT} bad input (model, chunk files, options),
             {EXIT_STORAGE} storage error (unreachable or damaged files),
             {EXIT_STATE_CONFLICT} state conflict (state moved, run id taken),
+            {EXIT_JOB_FAILED} the runner's job failed (a lost worker, an engine error) and
+              committed nothing: rerun it once the engine is healthy,
             1 unexpected error (a bug: please report it with the --debug output)
 """
 
@@ -236,7 +238,8 @@ def classify_error(error: BaseException | None) -> tuple[int, BaseException] | N
     from schemas import ContractError
     from transforms.model import ModelError
 
-    codes = ((storage.StateConflictError, EXIT_STATE_CONFLICT),
+    codes = ((JobFailedError, EXIT_JOB_FAILED),
+             (storage.StateConflictError, EXIT_STATE_CONFLICT),
              (storage.StorageError, EXIT_STORAGE),
              ((InputError, ContractError, ModelError, storage.UnsupportedLocation),
               EXIT_BAD_INPUT))

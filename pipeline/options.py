@@ -12,6 +12,9 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import os
+import socket
+import urllib.parse
 from typing import TYPE_CHECKING, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -47,7 +50,11 @@ class RunConfig:
 
     def __post_init__(self):
         chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
-        object.__setattr__(self, "chunks", chunks)
+        # Local paths made absolute: an engine's workers do not run in this directory.
+        object.__setattr__(self, "chunks", tuple(map(_absolute, chunks)))
+        for name in ("model", "state", "outputs", "model_architecture"):
+            if getattr(self, name):
+                object.__setattr__(self, name, _absolute(getattr(self, name)))
         object.__setattr__(self, "tf1_scopes", tuple(self.tf1_scopes))
 
     def model_options(self) -> "ModelOptions":
@@ -71,6 +78,10 @@ class RunConfig:
             raise InputError(f"{', '.join(missing)} required")
         return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)
                       if values.get(field.name) is not None})
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else os.path.abspath(location)
 
 
 def model_options(values: "RunConfig | argparse.Namespace") -> "ModelOptions":
@@ -254,3 +265,46 @@ class SeqcarryOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         add_run_arguments(parser, required=False)
+
+
+class JobFailedError(RuntimeError):
+    """The runner's job failed (a lost worker, an engine error) and nothing of it was
+    committed: the state is still the parent's, and a rerun continues from there."""
+
+
+def check_engine_options(options: PipelineOptions) -> None:
+    """Refuse, before anything is submitted, the engine options Beam would only fail on
+    with a ValueError deep in the runner: a ``--flink_job_server_jar`` or
+    ``--prism_location`` that is not there, and a ``--flink_master`` that nothing
+    answers at when this machine starts the job server itself (no ``--job_endpoint``).
+    """
+    from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PortableOptions,
+                                                      PrismRunnerOptions, StandardOptions)
+
+    runner = options.view_as(StandardOptions).runner or ""
+    flink = options.view_as(FlinkRunnerOptions)
+    local_files = {"--flink_job_server_jar": flink.flink_job_server_jar,
+                   "--prism_location": options.view_as(PrismRunnerOptions).prism_location}
+    for flag, location in local_files.items():
+        if location and not urllib.parse.urlparse(location).scheme and not os.path.isfile(
+                location):
+            raise InputError(f"{flag} {location}: no such file")
+    if "Flink" in runner and not options.view_as(PortableOptions).job_endpoint:
+        unreachable = flink_master_unreachable(flink.flink_master or "")
+        if unreachable:
+            raise InputError(unreachable)
+
+
+def flink_master_unreachable(master: str) -> str | None:
+    """Why nothing answers at ``--flink_master`` (None: something does, or it is one of
+    Beam's own choices, ``[auto]`` and ``[local]``)."""
+    if master.startswith("["):
+        return None
+    address = urllib.parse.urlparse(master if "://" in master else "http://" + master)
+    try:
+        with socket.create_connection((address.hostname or "", address.port or 8081),
+                                      timeout=5):
+            return None
+    except (OSError, ValueError) as error:
+        return (f"--flink_master {master}: no Flink cluster answers there ({error}); "
+                "is it up (`make flink-up`)?")

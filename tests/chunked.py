@@ -15,23 +15,33 @@ from tests.conftest import IN_PROCESS
 Oracle = Callable[[str, np.ndarray], tuple[np.ndarray, list[np.ndarray]]]
 
 
-def run_chunked(model: str, whole: dict[str, np.ndarray], root, runs: int = 3,
-                seed: int = 0, beam_args: Sequence[str] = IN_PROCESS,
-                **config) -> tuple[str, list[dict]]:
-    """Cut each sequence into random chunks (1 to 17 steps), spread them over ``runs``
-    runs (shuffled over two files each) and run the pipeline once per run; returns the
-    state URL and the reports. ``config``: more RunConfig fields (model options)."""
+def write_chunked_runs(whole: dict[str, np.ndarray], root, runs: int = 3,
+                       seed: int = 0) -> list[str]:
+    """Cut each sequence into random chunks (1 to 17 steps) and spread them over
+    ``runs`` runs, shuffled over two files each; returns each run's chunk directory."""
     rng = np.random.default_rng(seed)
     per_run: list[list] = [[] for _ in range(runs)]
     for sequence_id, features in sorted(whole.items()):
         chunks = cut_into_chunks(rng, sequence_id, features, max_chunk=17)
         for run, part in enumerate(spread_over_runs(rng, chunks, runs)):
             per_run[run].extend(part)
-    state, outputs = str(root / "state"), str(root / "outputs")
-    reports = []
+    directories = []
     for run, chunks in enumerate(per_run):
-        directory = str(root / f"chunks-{run + 1}")
-        write_chunk_files(directory, chunks, files=2, rng=rng)
+        directories.append(str(root / f"chunks-{run + 1}"))
+        write_chunk_files(directories[-1], chunks, files=2, rng=rng)
+    return directories
+
+
+def run_chunked(model: str, whole: dict[str, np.ndarray], root, runs: int = 3,
+                seed: int = 0, beam_args: Sequence[str] = IN_PROCESS,
+                location: str | None = None, **config) -> tuple[str, list[dict]]:
+    """Run the pipeline once per run of :func:`write_chunked_runs`, with the state and
+    outputs under ``location`` (default: ``root``); returns the state URL and the
+    reports. ``config``: more RunConfig fields (model options)."""
+    location = location or str(root)
+    state, outputs = f"{location}/state", f"{location}/outputs"
+    reports = []
+    for run, directory in enumerate(write_chunked_runs(whole, root, runs, seed)):
         reports.append(run_job(RunConfig(
             model=model, chunks=directory, state=state, outputs=outputs,
             run_id=f"run-{run + 1}", batch_size=4, window_steps=16, **config), beam_args))

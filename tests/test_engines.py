@@ -1,16 +1,23 @@
-"""Real engines on 127.0.0.1: Beam's Python portable job service (a separate process)
-and Beam's Prism runner (built from the Go module proxy by ``make prism``). On each,
-three chunked, shuffled runs equal Keras on every whole sequence."""
+"""Real engines on 127.0.0.1: Beam's Python portable job service (a separate process),
+Beam's Prism runner (built from the Go module proxy by ``make prism``) and a standalone
+Flink cluster (a JobManager and two TaskManagers, ``make flink-up``'s). On each, three
+chunked, shuffled runs equal Keras on every whole sequence, with the state and outputs
+on local disk and on gs:// (fake-gcs-server); on Flink, a TaskManager killed in the
+middle of a job, with Flink's restart strategy on and off, and the launcher killed."""
+import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
-from tests.chunked import assert_equals_whole_sequence, run_chunked
+import storage
+from tests.chunked import assert_equals_whole_sequence, run_chunked, write_chunked_runs
 from transforms.reference import keras_whole_sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,18 +74,101 @@ def prism():
     logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
 
 
-@pytest.mark.parametrize("engine", ["job-service", "prism"])
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports."""
+    for _ in range(100):
+        first = _free_port()
+        try:
+            probes = [socket.socket() for _ in range(count)]
+            for offset, probe in enumerate(probes):
+                probe.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+class FlinkCluster:
+    """engines/flink.py's cluster, on ports and in a folder of its own."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.rest_port = _free_port()
+        self.env = os.environ | {  # the emulator's address reaches the SDK workers
+            "FLINK_RUN_DIR": run_dir, "FLINK_REST_PORT": str(self.rest_port),
+            "FLINK_RPC_PORT": str(_free_port()), "FLINK_JOB_PORT": str(_free_ports(3)),
+            "FLINK_WORKER_POOL_PORT": str(_free_port())}
+        self.flags: list[str] = []
+
+    def call(self, action: str) -> None:
+        """``flink.py up``: the first time, about 5 minutes to install Flink and
+        assemble Beam's job server into build/flink/; a dead TaskManager rejoins."""
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "engines", "flink.py"),
+                               action], env=self.env, capture_output=True, text=True,
+                              timeout=1800)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if action == "up":
+            self.flags = done.stdout.strip().splitlines()[-1].split()
+
+    def pid(self, service: str) -> int:
+        with open(os.path.join(self.run_dir, "run", service + ".pid")) as handle:
+            return int(handle.read())
+
+    def rest(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_port}{path}",
+                                    timeout=10) as response:
+            return json.load(response)
+
+    def running_job(self, launcher: subprocess.Popen, known: set[str]) -> str:
+        """The id of the job ``launcher`` submitted, once tasks of it are running."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            for job in self.rest("/jobs/overview")["jobs"]:
+                if (job["jid"] not in known and job["state"] == "RUNNING"
+                        and job["tasks"]["running"] > 0):
+                    return job["jid"]
+            time.sleep(0.2)
+        raise AssertionError("no job of the launcher ran within 300 s")
+
+    def job_ids(self) -> set[str]:
+        return {job["jid"] for job in self.rest("/jobs/overview")["jobs"]}
+
+
+@pytest.fixture(scope="module")
+def flink(gcs_emulator, tmp_path_factory):
+    """A JobManager, two TaskManagers and Beam's Flink job server, stopped by PID."""
+    cluster = FlinkCluster(str(tmp_path_factory.mktemp("flink")))
+    try:
+        cluster.call("up")
+        assert cluster.flags[0] == "--runner=FlinkRunner"
+        yield cluster
+    finally:
+        cluster.call("down")
+
+
+@pytest.mark.parametrize("engine,where", [("job-service", "local"), ("job-service", "gs"),
+                                          ("prism", "local"), ("prism", "gs"),
+                                          ("flink", "local")])
 def test_three_chunked_runs_on_a_real_engine_equal_the_whole_sequence(workload, tmp_path,
-                                                                      request, engine):
+                                                                      request, engine,
+                                                                      where):
     model, whole = workload[0], workload[1]
     if engine == "job-service":
         beam_args = ["--runner=PortableRunner", *request.getfixturevalue("job_service"),
                      "--environment_type=LOOPBACK"]
-    else:
+    elif engine == "prism":
         beam_args = request.getfixturevalue("prism")
         assert beam_args[0] == "--runner=PrismRunner"
+    else:
+        beam_args = request.getfixturevalue("flink").flags
+    location = request.getfixturevalue("bucket") if where == "gs" else None
     started = time.monotonic()
-    state, reports = run_chunked(model, whole, tmp_path, beam_args=beam_args)
+    state, reports = run_chunked(model, whole, tmp_path, beam_args=beam_args,
+                                 location=location)
     elapsed = time.monotonic() - started
     assert [r["parent"] for r in reports] == [None, "run-1", "run-2"]
     assert all(r["chunks_read"] == r["chunks_processed"] + r["chunks_deferred"]
@@ -86,4 +176,127 @@ def test_three_chunked_runs_on_a_real_engine_equal_the_whole_sequence(workload, 
     assert reports[-1]["chunks_pending_total"] == 0
     reference = keras_whole_sequence(model)
     worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
-    print(f"{engine}: three runs in {elapsed:.1f} s, max abs diff {worst:.3g}")
+    print(f"{engine} ({where}): three runs in {elapsed:.1f} s, max abs diff {worst:.3g}")
+
+
+def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, bucket):
+    """State and outputs on gs://. Run 1: a TaskManager is SIGKILLed mid-job with the
+    restart strategy on (the cluster's: two restarts): Flink restarts the job and it
+    commits. Run 2, on the cluster restarted without restarts: the job fails, exit 5,
+    nothing is committed; the rerun commits. Run 3: the launcher is SIGKILLed once the job runs:
+    the job still commits, exactly once (a relaunch finds the run id taken: exit 4).
+    The three runs together equal Keras on every whole sequence."""
+    model, whole = workload[0], workload[1]
+    directories = write_chunked_runs(whole, tmp_path)
+    state = f"{bucket}/state"
+    store = storage.StateStore(state)
+    seqcarry = os.path.join(os.path.dirname(sys.executable), "seqcarry")
+
+    def launch(run: int, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [seqcarry, "run", "--model", model, "--chunks", directories[run - 1],
+             "--state", state, "--outputs", f"{bucket}/outputs", "--run-id", f"run-{run}",
+             "--batch-size", "4", "--window-steps", "16", *flink.flags, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def kill_a_taskmanager_mid_job(launcher: subprocess.Popen) -> str:
+        job = flink.running_job(launcher, flink.job_ids())
+        os.kill(flink.pid("taskmanager-2"), signal.SIGKILL)
+        flink.call("up")  # as a supervisor would: the TaskManager comes back
+        return job
+
+    launcher = launch(1)
+    job = kill_a_taskmanager_mid_job(launcher)
+    _, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-3000:]
+    assert flink.rest(f"/jobs/{job}")["state"] == "FINISHED"
+    assert flink.rest(f"/jobs/{job}/exceptions")["exceptionHistory"]["entries"], \
+        "the killed TaskManager did not make Flink restart the job"
+
+    # Beam's Flink runner leaves batch jobs the cluster's restart strategy: turn it off
+    flink.env["FLINK_RESTART_ATTEMPTS"] = "0"
+    flink.call("down")
+    flink.call("up")
+    launcher = launch(2)
+    job = kill_a_taskmanager_mid_job(launcher)
+    _, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 5, err[-3000:]
+    assert "committed nothing (the state is still run-1)" in err.splitlines()[-1]
+    assert flink.rest(f"/jobs/{job}")["state"] == "FAILED"
+    assert store.current().run_id == "run-1"
+    rerun = launch(2)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+
+    launcher = launch(3)
+    job = flink.running_job(launcher, flink.job_ids())
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 300
+    while flink.rest(f"/jobs/{job}")["state"] not in ("FINISHED", "FAILED", "CANCELED"):
+        assert time.monotonic() < deadline, "the job did not end within 300 s"
+        time.sleep(0.5)
+    assert flink.rest(f"/jobs/{job}")["state"] == "FINISHED"
+    assert store.current().run_id == "run-3"
+    relaunch = launch(3)
+    _, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 4 and "already committed" in err, err[-3000:]
+
+    assert [record.run_id for record in store.commits()] == ["run-1", "run-2", "run-3"]
+    reference = keras_whole_sequence(model)
+    worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
+    print(f"flink faults (gs): max abs diff {worst:.3g}")
+
+
+def _seqcarry(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "seqcarry"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink):
+    """A missing job-server jar or Prism binary, and a Flink master nothing answers at,
+    whether this machine starts the job server or the cluster's job server submits."""
+    common = ["run", "--model", workload[0], "--chunks", workload[2][0],
+              "--state", str(tmp_path / "state"), "--outputs", str(tmp_path / "outputs")]
+    closed = f"127.0.0.1:{_free_port()}"
+    job_endpoint = next(flag for flag in flink.flags if flag.startswith("--job_endpoint="))
+    cases = {
+        ("--runner=FlinkRunner", f"--flink_master={closed}",
+         f"--flink_job_server_jar={tmp_path / 'nope.jar'}"):
+            f"--flink_job_server_jar {tmp_path / 'nope.jar'}: no such file",
+        ("--runner=PrismRunner", f"--prism_location={tmp_path / 'prism'}"):
+            f"--prism_location {tmp_path / 'prism'}: no such file",
+        ("--runner=FlinkRunner", f"--flink_master={closed}"):
+            f"--flink_master {closed}: no Flink cluster answers there",
+        ("--runner=FlinkRunner", f"--flink_master={closed}", job_endpoint,
+         "--environment_type=LOOPBACK"):
+            f"--flink_master {closed}: no Flink cluster answers there"}
+    for flags, error in cases.items():
+        done = _seqcarry(*common, *flags)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f"seqcarry: error: {error}")
+        assert "Traceback" not in done.stderr
+    assert not os.path.exists(tmp_path / "state" / "CURRENT")
+
+
+def test_an_error_a_worker_raises_keeps_its_exit_code_on_a_portable_runner(workload,
+                                                                           tmp_path,
+                                                                           job_service):
+    """The runner reports a worker's error as text; a damaged state file read by a
+    worker is still exit 3 naming the file, as on the in-process runner."""
+    engine = ["--runner=PortableRunner", *job_service, "--environment_type=LOOPBACK"]
+    common = ["--model", workload[0], "--state", str(tmp_path / "state"),
+              "--outputs", str(tmp_path / "outputs"), *engine]
+    first = _seqcarry("run", *common, "--chunks", workload[2][0], "--run-id", "run-1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = storage.StateStore(str(tmp_path / "state")).committed()
+    damaged = manifest.state_files[0].path
+    damaged = damaged if os.path.isabs(damaged) else str(tmp_path / "state" / damaged)
+    with open(damaged, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff" * 8)
+    second = _seqcarry("run", *common, "--chunks", *workload[2][1:], "--run-id", "run-2")
+    assert second.returncode == 3, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("seqcarry: error: ") and os.path.basename(damaged) in last
+    assert storage.StateStore(str(tmp_path / "state")).current().run_id == "run-1"

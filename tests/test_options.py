@@ -26,15 +26,20 @@ def test_seqcarry_options_are_pipeline_options_in_either_spelling():
                                    "--tf1_scope", "x=rnn"])
     config = RunConfig.from_options(dashed)
     assert config == RunConfig.from_options(underscored)
+    # Local paths become absolute: an engine's workers run in other directories.
     assert (config.chunks, config.batch_size, config.allow_non_finite, config.tf1_scopes) == (
-        ("a/*.parquet", "b.parquet"), 8, True, ("x=rnn",))
+        (os.path.abspath("a/*.parquet"), os.path.abspath("b.parquet")), 8, True, ("x=rnn",))
+    assert (config.model, config.state, config.outputs) == tuple(
+        map(os.path.abspath, ("m.keras", "s", "o")))
+    assert RunConfig("gs://b/m.keras", "gs://b/c", "gs://b/s", "gs://b/o").model == \
+        "gs://b/m.keras"
     assert config.window_steps == 256 and config.max_layers == 8  # defaults kept
 
     # The job's options carry seqcarry's, whatever else Beam is given.
     job = pipeline_options(config, ["--runner=DirectRunner", "--direct_num_workers=2"])
     assert job.view_as(StandardOptions).runner == "FnApiRunner"
     carried = job.view_as(SeqcarryOptions).get_all_options(current_only=True)
-    assert carried["batch_size"] == 8 and carried["chunks"] == ["a/*.parquet", "b.parquet"]
+    assert carried["batch_size"] == 8 and carried["chunks"] == list(config.chunks)
     assert job.get_all_options()["direct_num_workers"] == 2
     assert RunConfig.from_options(job) == config
 
