@@ -11,9 +11,9 @@ import traceback
 from typing import Sequence
 
 import storage
-from pipeline.options import (ArgumentParser, InputError, JobFailedError, RunConfig, add_model_arguments,
-                              add_model_options, add_orphan_grace_argument,
-                              add_run_arguments, model_options,
+from pipeline.options import (ArgumentParser, InputError, JobFailedError, RunConfig,
+                              add_model_arguments, add_model_options,
+                              add_orphan_grace_argument, add_run_arguments, model_options,
                               refuse_unknown)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_STATE_CONFLICT, EXIT_JOB_FAILED = 0, 2, 3, 4, 5
