@@ -19,17 +19,13 @@ import pytest
 import storage
 from pipeline import cli
 from tests.chunked import assert_equals_whole_sequence, run_chunked, write_chunked_runs
+from tests.gcs import free_port
+from tests.test_cli import SEQCARRY, error_line, seqcarry
 from transforms.reference import keras_whole_sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One pytest-xdist worker runs them all: they share the job service, Prism and Flink.
 pytestmark = pytest.mark.xdist_group("engines")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -46,7 +42,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -
 @pytest.fixture(scope="module")
 def job_service(tmp_path_factory):
     """Beam's Python job service in a process of its own, stopped by PID."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("job-service") / "log.txt", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
@@ -80,7 +76,7 @@ def prism():
 def _free_ports(count: int) -> int:
     """The first of ``count`` consecutive free ports."""
     for _ in range(100):
-        first = _free_port()
+        first = free_port()
         try:
             probes = [socket.socket() for _ in range(count)]
             for offset, probe in enumerate(probes):
@@ -99,11 +95,11 @@ class FlinkCluster:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.rest_port = _free_port()
+        self.rest_port = free_port()
         self.env = os.environ | {  # the emulator's address reaches the SDK workers
             "FLINK_RUN_DIR": run_dir, "FLINK_REST_PORT": str(self.rest_port),
-            "FLINK_RPC_PORT": str(_free_port()), "FLINK_JOB_PORT": str(_free_ports(3)),
-            "FLINK_WORKER_POOL_PORT": str(_free_port())}
+            "FLINK_RPC_PORT": str(free_port()), "FLINK_JOB_PORT": str(_free_ports(3)),
+            "FLINK_WORKER_POOL_PORT": str(free_port())}
         self.flags: list[str] = []
 
     def call(self, action: str) -> None:
@@ -193,11 +189,10 @@ def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, buck
     directories = write_chunked_runs(whole, tmp_path)
     state = f"{bucket}/state"
     store = storage.StateStore(state)
-    seqcarry = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 
     def launch(run: int, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [seqcarry, "run", "--model", model, "--chunks", directories[run - 1],
+            [SEQCARRY, "run", "--model", model, "--chunks", directories[run - 1],
              "--state", state, "--outputs", f"{bucket}/outputs", "--run-id", f"run-{run}",
              "--batch-size", "4", "--window-steps", "16", *flink.flags, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -251,18 +246,13 @@ def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, buck
     print(f"flink faults (gs): max abs diff {worst:.3g}")
 
 
-def _seqcarry(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "seqcarry"), *args],
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink, capsys):
     """A missing job-server jar or Prism binary, and a Flink master nothing answers at,
     whether this machine starts the job server or the cluster's job server submits
     (through ``seqcarry``'s entry point, in this process)."""
     common = ["run", "--model", workload[0], "--chunks", workload[2][0],
               "--state", str(tmp_path / "state"), "--outputs", str(tmp_path / "outputs")]
-    closed = f"127.0.0.1:{_free_port()}"
+    closed = f"127.0.0.1:{free_port()}"
     job_endpoint = next(flag for flag in flink.flags if flag.startswith("--job_endpoint="))
     cases = {
         ("--runner=FlinkRunner", f"--flink_master={closed}",
@@ -292,7 +282,7 @@ def test_an_error_a_worker_raises_keeps_its_exit_code_on_a_portable_runner(workl
     engine = ["--runner=PortableRunner", *job_service, "--environment_type=LOOPBACK"]
     common = ["--model", workload[0], "--state", str(tmp_path / "state"),
               "--outputs", str(tmp_path / "outputs"), *engine]
-    first = _seqcarry("run", *common, "--chunks", workload[2][0], "--run-id", "run-1")
+    first = seqcarry("run", *common, "--chunks", workload[2][0], "--run-id", "run-1")
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = storage.StateStore(str(tmp_path / "state")).committed()
     damaged = manifest.state_files[0].path
@@ -300,8 +290,8 @@ def test_an_error_a_worker_raises_keeps_its_exit_code_on_a_portable_runner(workl
     with open(damaged, "r+b") as handle:
         handle.seek(100)
         handle.write(b"\xff" * 8)
-    second = _seqcarry("run", *common, "--chunks", *workload[2][1:], "--run-id", "run-2")
+    second = seqcarry("run", *common, "--chunks", *workload[2][1:], "--run-id", "run-2")
     assert second.returncode == 3, second.stderr[-3000:]
-    last = second.stderr.strip().splitlines()[-1]
+    last = error_line(second)
     assert last.startswith("seqcarry: error: ") and os.path.basename(damaged) in last
     assert storage.StateStore(str(tmp_path / "state")).current().run_id == "run-1"
