@@ -4,6 +4,7 @@ Flink cluster (a JobManager and two TaskManagers, ``make flink-up``'s). On each,
 chunked, shuffled runs equal Keras on every whole sequence, with the state and outputs
 on local disk and on gs:// (fake-gcs-server); on Flink, a TaskManager killed in the
 middle of a job, with Flink's restart strategy on and off, and the launcher killed."""
+import contextlib
 import json
 import logging
 import os
@@ -77,16 +78,13 @@ def _free_ports(count: int) -> int:
     """The first of ``count`` consecutive free ports."""
     for _ in range(100):
         first = free_port()
-        try:
-            probes = [socket.socket() for _ in range(count)]
-            for offset, probe in enumerate(probes):
-                probe.bind(("127.0.0.1", first + offset))
+        with contextlib.ExitStack() as probes:
+            try:
+                for offset in range(count):
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", first + offset))
+            except OSError:
+                continue
             return first
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
     raise AssertionError(f"no {count} consecutive free ports")
 
 
@@ -103,8 +101,8 @@ class FlinkCluster:
         self.flags: list[str] = []
 
     def call(self, action: str) -> None:
-        """``flink.py up``: the first time, about 5 minutes to install Flink and
-        assemble Beam's job server into build/flink/; a dead TaskManager rejoins."""
+        """``flink.py up``: the first time, it installs Flink and assembles Beam's job
+        server into build/flink/ (minutes); a dead TaskManager rejoins."""
         done = subprocess.run([sys.executable, os.path.join(ROOT, "engines", "flink.py"),
                                action], env=self.env, capture_output=True, text=True,
                               timeout=1800)
