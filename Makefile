@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv run test test-all bench clean prism flink-up flink-down
+.PHONY: venv run test test-all fuzz bench clean prism flink-up flink-down
 
 venv: $(INSTALLED)
 
@@ -24,6 +24,14 @@ test: $(INSTALLED)
 
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest -m ''
+
+# The input fuzz test at a larger size, with a new seed each time (printed, to replay it
+# with FUZZ_SEED=...). FUZZ_FILES=N for another size.
+FUZZ_FILES ?= 10000
+fuzz: $(INSTALLED)
+	seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); echo "FUZZ_SEED=$$seed"; \
+	FUZZ_SEED=$$seed FUZZ_FILES=$(FUZZ_FILES) $(BIN)/python -m pytest -p no:cacheprovider \
+	    -n 0 -o addopts='' tests/test_fuzz.py
 
 # Steps/s of the pipeline vs plain Keras vs one-sequence-at-a-time vs the kernel alone.
 # BENCH_ARGS=--scale=0.25 for a quick run.

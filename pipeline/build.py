@@ -71,10 +71,12 @@ def plan_run(config: RunConfig) -> RunPlan:
         expire_after_runs=config.expire_after_runs,
         expire_after_days=config.expire_after_days, max_layers=config.max_layers,
         keep=config.keep, orphan_grace_hours=config.orphan_grace_hours,
+        max_rejected_fraction=config.max_rejected_fraction,
         model_options=config.model_options())
     listed = {url: size for pattern in config.chunks for url, size in storage.list_files(pattern)}
-    if not listed:
-        raise InputError(f"no Parquet files match --chunks {' '.join(config.chunks)}")
+    if not listed:  # a day without new data: the run still commits (and expires)
+        _LOG.warning("event=no_input run_id=%s: no file matches --chunks %s; the run commits "
+                     "an empty layer", carry.run_id, " ".join(config.chunks))
     input_bytes = sum(listed.values())
     _LOG.info("event=listed run_id=%s files=%d bytes=%d", carry.run_id, len(listed),
               input_bytes)
@@ -319,18 +321,25 @@ def summary_line(report: dict) -> str:
     if report.get("submitted"):
         return (f"seqcarry: ok: run {report['run_id']} attempt {report['attempt']} submitted; "
                 f"it commits itself and writes its report to {report['report']}")
-    rejected = report["chunks_rejected"] + report.get("pending_rejected", 0)
+    files_rejected = report.get("files_rejected", 0)
+    rejected = report["chunks_rejected"] + report.get("pending_rejected", 0) + files_rejected
     reasons = ", ".join(f"{count} {reason}"
                         for reason, count in report["chunks_rejected_by_reason"].items())
+    file_reasons = ", ".join(f"{count} {reason}" for reason, count
+                             in report.get("files_rejected_by_reason", {}).items())
     letters = report.get("dead_letters") or []
     where = f"; dead letters in {letters[0].rsplit('/', 1)[0]}" if letters else ""
     return (f"seqcarry: {'warn' if rejected else 'ok'}: run {report['run_id']} committed: "
             f"{report['chunks_read']} chunks read, {report['chunks_processed']} processed, "
             f"{report['chunks_deferred']} deferred, {report['chunks_skipped_duplicate']} "
             f"skipped as duplicates, {report['chunks_rejected']} rejected"
-            + (f" ({reasons}{where})" if reasons else "")
+            + (f" ({reasons})" if reasons else "")
+            + (f", {files_rejected} input file{'s' if files_rejected != 1 else ''} rejected "
+               f"whole ({file_reasons})"
+               if files_rejected else "")
             + (f", {report['pending_rejected']} pending rejected"
                if report.get("pending_rejected") else "")
+            + (where if rejected else "")
             + f"; {report['steps_processed']} steps in {report['seconds']} s")
 
 

@@ -11,6 +11,7 @@ import traceback
 from typing import Sequence
 
 import storage
+from pipeline import logs
 from pipeline.options import (ArgumentParser, InputError, JobFailedError, RunConfig,
                               add_model_arguments, add_model_options,
                               add_orphan_grace_argument, add_run_arguments, model_options,
@@ -61,8 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback when a command fails")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress lines on stderr (only the result and errors)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true",
+                        help="on stderr, only errors and the run's summary line")
+    output.add_argument("--verbose", action="store_true",
+                        help="on stderr, everything TensorFlow and Beam log (workers too)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str, example: str,
@@ -219,7 +223,7 @@ def _model_text(summary: dict) -> str:
 def _snapshots_table(store: storage.StateStore) -> str:
     history = store.history()
     if not history:
-        return f"{store.url} has no committed snapshot"
+        raise InputError(f"{store.url} has no committed snapshot")
     rows = [("", "run_id", "attempt", "created_at", "sequences", "parent",
              "chunks_processed")]
     rows += [("*" if number == 0 else "", m.run_id, m.attempt or "-", m.created_at,
@@ -252,27 +256,20 @@ def classify_error(error: BaseException | None) -> tuple[int, BaseException] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     arguments, beam_args = _parser().parse_known_args(argv)
+    logs.configure(logs.mode_of(arguments.quiet, arguments.verbose))  # before TF or Beam
     try:  # only `run` and `demo` pass arguments on to Beam; nothing is dropped
         refuse_unknown(beam_args, arguments.command_parser,
                        beam=arguments.command in ("run", "demo"))
     except InputError as error:
         print(f"seqcarry: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # seqcarry's own log lines (planning, progress, commit) as key=value pairs.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    logger = logging.getLogger("seqcarry")
-    logger.addHandler(handler)
-    logger.propagate = False  # Beam adds a root handler; print each line once
-    logger.setLevel(logging.WARNING if arguments.quiet else logging.INFO)
     try:
         if arguments.command == "run":
             from pipeline.build import run_job, summary_line
 
             options = {k: v for k, v in vars(arguments).items()
-                       if k not in ("command", "command_parser", "debug", "quiet")}
+                       if k not in ("command", "command_parser", "debug", "quiet", "verbose")}
             report = run_job(RunConfig(**options), beam_args)
             print(json.dumps(report, indent=2))
             print(summary_line(report), file=sys.stderr)
@@ -312,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(f"{arguments.state} has no committed run to report on")
             print(report.text_table(rows))
             if arguments.html:
-                with open(arguments.html, "w") as handle:
-                    handle.write(report.html_page(arguments.state, rows))
+                storage.write_bytes(arguments.html,
+                                    report.html_page(arguments.state, rows).encode())
                 print(f"wrote {arguments.html}")
         elif arguments.command == "inspect-model":
             from transforms.model import load_model
@@ -361,4 +358,5 @@ def exit_now(code: int) -> None:
 
 def entry_point() -> None:
     """The ``seqcarry`` command: :func:`main`, then :func:`exit_now`."""
+    logs.claim_stderr()  # its stderr may be filtered (pipeline/logs.py)
     exit_now(main())

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import results
 from pipeline.build import RunConfig, run_job
-from schemas import Chunk, chunks_to_table
+from schemas import Chunk, InputError, chunks_to_table
 
 
 def make_model(path: str, input_dim: int, units: Sequence[int], output_dim: int | None,
@@ -89,6 +89,8 @@ def run_demo(workdir: str = "build/demo", sequences: int = 300, runs: int = 3,
     """
     from transforms.reference import keras_whole_sequence
 
+    if sequences < 1:
+        raise InputError(f"--sequences must be at least 1, not {sequences}")
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     rng = np.random.default_rng(seed)

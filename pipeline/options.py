@@ -44,6 +44,7 @@ class RunConfig:
     expire_after_runs: int | None = None
     expire_after_days: float | None = None
     max_layers: int = 8
+    max_rejected_fraction: float | None = None
     model_architecture: str | None = None
     tf1_scopes: Sequence[str] = ()
     tf1_forget_bias: float = 1.0
@@ -255,6 +256,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
                              "snapshot has N layers, the run compacts it: reads and rewrites "
                              "every sequence into one layer (default 8; 1 compacts every "
                              "run). --reset-state and --expire-after-* always compact")
+    parser.add_argument(*spellings("--max-rejected-fraction"), dest="max_rejected_fraction",
+                        type=float, default=None, metavar="F",
+                        help="fail the run without committing (exit 2) when more than this "
+                             "share of its input is rejected, 0 to 1: rejected chunks and "
+                             "the rows of files rejected whole, over everything read; the "
+                             "dead letters are kept (default: commit whatever was rejected)")
 
 
 class SeqcarryOptions(PipelineOptions):

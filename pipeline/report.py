@@ -8,14 +8,14 @@ import io
 import json
 
 import storage
-from schemas.validation import READ_REASONS
+from schemas.validation import FILE_REASONS, READ_REASONS
 from transforms.sequencing import PLAN_REASONS
 
 CATEGORIES = ("chunks_processed", "chunks_deferred", "chunks_skipped_duplicate",
               "chunks_rejected")
-REASONS = READ_REASONS + PLAN_REASONS
-COLUMNS = ("run_id", "chunks_read", *CATEGORIES, "chunks_pending_total", "sequences_live",
-           "steps_processed", "steps_per_second", "seconds")
+REASONS = FILE_REASONS + READ_REASONS + PLAN_REASONS
+COLUMNS = ("run_id", "chunks_read", *CATEGORIES, "files_rejected", "chunks_pending_total",
+           "sequences_live", "steps_processed", "steps_per_second", "seconds")
 
 
 def history_rows(state_url: str) -> list[dict]:
@@ -26,7 +26,9 @@ def history_rows(state_url: str) -> list[dict]:
         report = store.report(manifest.run_id, manifest.attempt)
         rows.append({"run_id": manifest.run_id, "created_at": manifest.created_at,
                      **{column: report.get(column, 0) for column in COLUMNS[1:]},
-                     "rejected_by_reason": report.get("chunks_rejected_by_reason", {})})
+                     # a file rejected whole is one dead letter, as a record is
+                     "rejected_by_reason": {**report.get("chunks_rejected_by_reason", {}),
+                                            **report.get("files_rejected_by_reason", {})}})
     return rows
 
 

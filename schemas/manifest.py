@@ -58,12 +58,14 @@ def attempt_started_at(attempt: str) -> datetime.datetime | None:
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def checked_run_id(run_id: str | None, prefix: str = "") -> str:
-    """``run_id`` if it is a valid name, or ``prefix`` + the UTC time when None."""
-    run_id = run_id or prefix + datetime.datetime.now(
-        datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    if not _RUN_ID.match(run_id):
-        raise InputError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' "
+def checked_run_id(run_id: str | None, prefix: str = "", option: str = "--run-id") -> str:
+    """``run_id`` if it is a valid name (an InputError naming ``option`` if not), or
+    ``prefix`` + the UTC time when None."""
+    if run_id is None:
+        run_id = prefix + datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y%m%dT%H%M%S%fZ")
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise InputError(f"{option} {run_id!r} must be letters, digits, '.', '_' or '-' "
                          "(at most 128, starting with a letter or digit)")
     return run_id
 

@@ -3,8 +3,8 @@
 (:mod:`storage.state`), and the fault points tests use (:mod:`storage.faults`)."""
 from schemas.manifest import RETIRED, CommitRecord, FileRecord, Manifest, newest_layer
 from storage.faults import FAULT_ENV, FAULT_STAGES, InjectedFault, fault_point
-from storage.files import (IntegrityError, StorageError, UnreadableFile, check_location,
-                           exists, ipc_file_bytes, iter_parquet, join, list_files,
+from storage.files import (IntegrityError, ParquetInput, StorageError, UnreadableFile,
+                           check_location, exists, ipc_file_bytes, join, list_files,
                            list_names, local_copy, local_copy_checkpoint, read_bytes,
                            read_ipc_rows, read_json, read_table, remove_file, remove_tree,
                            write_bytes, write_json, write_table)
@@ -14,10 +14,9 @@ from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, Sta
 
 __all__ = [
     "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
-    "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "StateConflictError",
-    "StateStore", "StorageError", "UnreadableFile", "UnsupportedLocation", "check_location",
-    "check_retention",
-    "exists", "fault_point", "ipc_file_bytes", "file_key", "iter_parquet", "join",
+    "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "ParquetInput",
+    "StateConflictError", "StateStore", "StorageError", "UnreadableFile",
+    "UnsupportedLocation", "check_location", "check_retention", "exists", "fault_point", "ipc_file_bytes", "file_key", "join",
     "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",
     "read_bytes", "read_ipc_rows", "read_json", "read_json_object", "read_table",
     "remove_file", "remove_tree", "run_file_url", "write_bytes", "write_json",

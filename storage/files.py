@@ -270,24 +270,67 @@ def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
     return table
 
 
-def iter_parquet(url: str, batch_bytes: int) -> Iterator[tuple[int, pa.Table]]:
-    """A Parquet file's rows in batches of about ``batch_bytes`` (uncompressed), each
-    with the number of its first row: never the whole file in memory."""
-    fs, path = filesystem(url)
-    with storage_errors(url, "read"), fs.open(path, "rb") as handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-            metadata = parquet.metadata
-            size = sum(metadata.row_group(group).total_byte_size
-                       for group in range(metadata.num_row_groups))
-            rows = max(1, int(batch_bytes * metadata.num_rows // max(1, size)))
-            first_row = 0
-            for batch in parquet.iter_batches(batch_size=rows):
+# What pyarrow raises for a file that is not (valid) Parquet: its own errors, IO errors,
+# and a damaged footer's names that are not UTF-8 (UnicodeDecodeError, a ValueError).
+_PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+class ParquetInput:
+    """An input Parquet file, read in batches: ``with ParquetInput(url) as parquet:``
+    reads its footer (``parquet.schema``, ``parquet.rows``), and :meth:`batches` its rows.
+
+    Whatever makes the file unreadable is an :class:`UnreadableFile`, raised by the
+    ``with`` or by :meth:`batches`, never for errors of the code that consumes the rows:
+    not Parquet, damaged, gone, not readable by us, or not a regular file (a FIFO would
+    block the reader forever).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "ParquetInput":
+        fs, path = filesystem(self.url)
+        with self._unreadable():
+            if isinstance(fs, LocalFileSystem) and fs.info(path)["type"] != "file":
+                raise UnreadableFile(f"{self.url} is not a regular file")
+            handle = self._stack.enter_context(fs.open(path, "rb"))
+            self._parquet = pq.ParquetFile(handle)
+            self.schema = self._parquet.schema_arrow
+            str(self.schema)  # decodes every name now: a damaged footer's may not be UTF-8
+            self.rows = self._parquet.metadata.num_rows
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.close()
+
+    def batches(self, batch_bytes: int) -> Iterator[tuple[int, pa.Table]]:
+        """The rows in batches of about ``batch_bytes`` (uncompressed), each with the
+        number of its first row: never the whole file in memory."""
+        metadata = self._parquet.metadata
+        size = sum(metadata.row_group(group).total_byte_size
+                   for group in range(metadata.num_row_groups))
+        batch_rows = max(1, int(batch_bytes * metadata.num_rows // max(1, size)))
+        first_row = 0
+        with self._unreadable():
+            for batch in self._parquet.iter_batches(batch_size=batch_rows):
                 yield first_row, pa.Table.from_batches([batch])
                 first_row += batch.num_rows
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError,
-                pa.ArrowCapacityError) as error:
-            raise UnreadableFile(f"{url} is not a readable Parquet file: "
+
+    @contextlib.contextmanager
+    def _unreadable(self) -> Iterator[None]:
+        try:
+            yield
+        except UnreadableFile:
+            self._stack.close()
+            raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+            self._stack.close()
+            raise UnreadableFile(f"{self.url} cannot be read: {error.strerror or error}"
+                                 ) from error
+        except _PARQUET_ERRORS as error:
+            self._stack.close()
+            raise UnreadableFile(f"{self.url} is not a readable Parquet file: "
                                  f"{str(error).splitlines()[0]}") from error
 
 

@@ -25,8 +25,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from schemas.contract import InputError
 from schemas.manifest import (RELATIVE_LAYOUT, RETIRED, SNAPSHOT_FILE_KINDS, CommitRecord,
-                              Manifest, ManifestError, attempt_started_at, log_name,
-                              outputs_dir, snapshot_dir, snapshot_file_name,
+                              Manifest, ManifestError, attempt_started_at, checked_run_id,
+                              log_name, outputs_dir, snapshot_dir, snapshot_file_name,
                               staging_dir)
 from storage.faults import fault_point
 from storage.files import (IntegrityError, StorageError, exists, filesystem, is_gcs, join,
@@ -229,6 +229,7 @@ class StateStore:
 
     def _available(self, run_id: str) -> CommitRecord | None:
         """The commit of ``run_id`` if its snapshot is still there (not retired)."""
+        checked_run_id(run_id, option="run id")  # it becomes part of paths
         record = self.committed_attempt(run_id)
         if record is None or not exists(self.manifest_url(*record.snapshot)):
             return None
@@ -246,11 +247,11 @@ class StateStore:
         if run_id is None:
             record = self.current()
             if record is None:
-                raise StorageError(f"{self.url} has no committed snapshot")
+                raise InputError(f"{self.url} has no committed snapshot")
         else:
             record = self._available(run_id)
             if record is None:
-                raise StorageError(f"{run_id} is not a committed snapshot of {self.url}; "
+                raise InputError(f"{run_id} is not a committed snapshot of {self.url}; "
                                    f"`seqcarry snapshots --state {self.url}` lists them")
         manifest = (self.manifest_of(record) if run_id is None
                     else self.manifest(*record.snapshot, record.manifest_sha256 or None))
@@ -355,7 +356,7 @@ class StateStore:
             expected = None
         record = self._available(run_id)
         if record is None or exists(self._retired_url(*record.snapshot)):
-            raise StateConflictError(
+            raise InputError(
                 f"{run_id} is not a committed snapshot of {self.url} (or --keep removed "
                 f"it); `seqcarry snapshots --state {self.url}` lists them")
         manifest = self.verify(run_id)

@@ -106,7 +106,7 @@ def test_the_launcher_reads_no_input_file(workload, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"the launcher opened an input file: {args[:1]}")
 
-    monkeypatch.setattr(storage, "iter_parquet", refuse)
+    monkeypatch.setattr(storage, "ParquetInput", refuse)
     monkeypatch.setattr(storage, "read_table", refuse)
     monkeypatch.setattr(pq, "ParquetFile", refuse)
     monkeypatch.setattr(pq, "read_table", refuse)
@@ -189,9 +189,9 @@ def test_an_unreadable_input_file_is_one_dead_letter_and_the_run_goes_on(workloa
     (directory / "text.parquet").write_text("sequence_id,chunk_index\na,1\n")
     report = run_job(RunConfig(workload[0], str(directory), str(tmp_path / "state"),
                                str(tmp_path / "outputs"), run_id="r1"), USER_IN_PROCESS)
-    assert (report["chunks_read"], report["chunks_processed"], report["chunks_rejected"]) == (
-        4, 1, 3)
-    assert report["chunks_rejected_by_reason"] == {"unreadable_file": 3}
+    assert (report["chunks_read"], report["chunks_processed"], report["chunks_rejected"],
+            report["files_rejected"]) == (1, 1, 0, 3)
+    assert report["files_rejected_by_reason"] == {"unreadable_file": 3}
     letters = [row for path in report["dead_letters"] for row in pq.read_table(path).to_pylist()]
     assert sorted(os.path.basename(row["source"]) for row in letters) == [
         "empty.parquet", "magic-only.parquet", "text.parquet"]

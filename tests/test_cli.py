@@ -58,10 +58,13 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
         f"seqcarry: error: run id r1 is already committed under {tmp_path / 'state'}; "
         "pass a new --run-id")
 
-    missing = seqcarry("run", *common, "--chunks", str(tmp_path / "nothing" / "*.parquet"))
-    assert missing.returncode == 2
-    assert error_line(missing).startswith("seqcarry: error: no Parquet files match --chunks")
-    assert "Traceback" not in missing.stderr
+    # A day without new data is a run: it commits an empty layer (so expiry runs too).
+    no_input = seqcarry("run", *common, "--chunks", str(tmp_path / "nothing" / "*.parquet"),
+                        "--run-id", "r-empty")
+    assert no_input.returncode == 0, no_input.stderr
+    assert "event=no_input run_id=r-empty: no file matches --chunks" in no_input.stderr
+    assert json.loads(no_input.stdout)["chunks_read"] == 0
+    assert error_line(no_input).startswith("seqcarry: ok: run r-empty committed: 0 chunks read")
 
     bad_model = seqcarry("run", *common[2:], "--model", str(tmp_path / "nope.keras"),
                          "--chunks", str(chunks))
@@ -69,7 +72,8 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
     assert error_line(bad_model) == \
         f"seqcarry: error: model file {tmp_path / 'nope.keras'} does not exist"
 
-    debug = seqcarry("--debug", "run", *common, "--chunks", str(tmp_path / "x" / "*.parquet"))
+    debug = seqcarry("--debug", "run", *common[2:], "--model", str(tmp_path / "nope.keras"),
+                     "--chunks", str(chunks))
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
     other = make_model(str(tmp_path / "other.keras"), 3, (4,), 2, seed=9)
@@ -83,8 +87,10 @@ def test_run_prints_its_report_and_errors_are_one_clear_line(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "x": [1.0]}), str(wrong_schema / "w.parquet"))
     dead_lettered = seqcarry("run", *common, "--chunks", str(wrong_schema), "--run-id", "r2")
     assert dead_lettered.returncode == 0, dead_lettered.stderr[-2000:]
-    assert json.loads(dead_lettered.stdout)["chunks_rejected_by_reason"] == {
-        "missing_column": 1}
+    report = json.loads(dead_lettered.stdout)
+    assert (report["files_rejected_by_reason"], report["chunks_in_rejected_files"],
+            report["chunks_read"]) == ({"wrong_schema": 1}, 1, 0)
+    assert "1 input file rejected whole (1 wrong_schema)" in error_line(dead_lettered)
 
 
 def test_demo_runs_three_times_and_checks_against_keras(tmp_path):
@@ -119,3 +125,69 @@ def test_inspect_model_shows_the_model_and_a_bad_one_exits_2(tmp_path):
         helped = seqcarry(command, "--help")
         assert helped.returncode == 0 and "example:" in helped.stdout
         assert all(option in helped.stdout for option in options)
+
+
+def test_too_much_rejected_input_fails_without_committing(tmp_path):
+    model = make_model(str(tmp_path / "m.keras"), 3, (4,), 2)
+    chunks = tmp_path / "chunks"
+    write_chunk_files(str(chunks), [Chunk("a", 0, np.ones((5, 3), np.float32))], files=1,
+                      rng=np.random.default_rng(0))
+    pq.write_table(pa.table({"sequence_id": list(range(9)), "chunk_index": [0] * 9,
+                             "features": [[[1.0, 2.0, 3.0]]] * 9}), chunks / "ids.parquet")
+    (chunks / "empty.parquet").write_bytes(b"")
+    common = ["run", "--model", model, "--chunks", str(chunks), "--state",
+              str(tmp_path / "state"), "--outputs", str(tmp_path / "out"), "--run-id", "r1"]
+
+    refused = seqcarry(*common, "--max-rejected-fraction", "0.5")
+    assert refused.returncode == 2, refused.stderr
+    assert error_line(refused).startswith(
+        "seqcarry: error: run r1 rejected 90.9% of its input, above --max-rejected-fraction "
+        "0.5: 0 of 1 chunks read, and 2 files rejected whole holding 9 rows (1 file "
+        "unreadable_file, 1 file wrong_schema); nothing was committed; dead letters are in "
+        f"{tmp_path / 'out' / 'r1'}")
+    assert "Traceback" not in refused.stderr
+    assert not os.path.exists(tmp_path / "state" / "CURRENT")
+
+    accepted = seqcarry(*common, "--max-rejected-fraction", "0.95")
+    assert accepted.returncode == 0, accepted.stderr
+    assert error_line(accepted).startswith(
+        "seqcarry: warn: run r1 committed: 1 chunks read, 1 processed, 0 deferred, 0 skipped "
+        "as duplicates, 0 rejected, 2 input files rejected whole (1 unreadable_file, 1 "
+        "wrong_schema); dead letters in ")
+    for value in ("-0.1", "1.5", "nan"):
+        assert seqcarry(*common, "--max-rejected-fraction", value).returncode == 2
+
+
+def test_every_command_follows_one_exit_code_scheme(tmp_path):
+    model = make_model(str(tmp_path / "m.keras"), 3, (4,), 2)
+    chunks = tmp_path / "chunks"
+    write_chunk_files(str(chunks), [Chunk("a", 0, np.ones((5, 3), np.float32))], files=1,
+                      rng=np.random.default_rng(0))
+    state, missing = str(tmp_path / "state"), str(tmp_path / "missing")
+    run = ["run", "--model", model, "--chunks", str(chunks), "--state", state,
+           "--outputs", str(tmp_path / "out")]
+    assert seqcarry(*run, "--run-id", "r1").returncode == 0
+    expected = {
+        ("run", "--run-id", ""): (2, "--run-id '' must be letters"),
+        ("verify", "--state", state, "--run-id", "../../../etc"): (2, "run id '../../../etc' must be"),
+        ("verify", "--state", state, "--run-id", "nope"): (2, "nope is not a committed snapshot"),
+        ("rollback", "--state", state, "--to", "nope"): (2, "nope is not a committed snapshot"),
+        ("verify", "--state", missing): (2, f"{missing} has no committed snapshot"),
+        ("snapshots", "--state", missing): (2, f"{missing} has no committed snapshot"),
+        ("report", "--state", missing): (2, f"{missing} has no committed run"),
+        ("demo", "--sequences", "0"): (2, "--sequences must be at least 1, not 0"),
+        ("run", "--expire-after-days", "nan"): (2, "--expire-after-days a number of days"),
+        ("run", "--state", str(tmp_path / "state-2"), "--outputs",
+         str(chunks / "chunks-000.parquet")): (3, "Not a directory"),
+    }
+    for args, (code, message) in expected.items():
+        if args[0] == "run":
+            args = (*run, "--run-id", "r2", *args[1:]) if "--run-id" not in args else (
+                *run, *args[1:])
+        result = seqcarry(*args)
+        assert result.returncode == code, (args, result.stderr[-2000:])
+        assert message in error_line(result) and "Traceback" not in result.stderr, (
+            args, result.stderr[-2000:])
+    html = tmp_path / "new" / "folder" / "runs.html"
+    assert seqcarry("report", "--state", state, "--html", str(html)).returncode == 0
+    assert html.read_text().startswith("<!doctype html>")

@@ -105,4 +105,4 @@ def test_snapshots_and_rollback_commands(tmp_path):
     assert back.returncode == 0 and back.stdout.strip() == \
         "CURRENT moved from demo-run-3 to demo-run-2"
     unknown = seqcarry("rollback", "--state", state, "--to", "never")
-    assert unknown.returncode == 4 and "never is not a committed snapshot" in unknown.stderr
+    assert unknown.returncode == 2 and "never is not a committed snapshot" in unknown.stderr

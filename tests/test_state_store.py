@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import storage
+from schemas import InputError
 from transforms.sequencing import RunSizing
 from pipeline import results
 from pipeline.build import execute, plan_run, run_job
@@ -178,7 +179,7 @@ def test_rollback_then_rerun_reproduces_the_rolled_back_runs_exactly(workload, t
         run_job(config(workload, tmp_path, run, run_id=f"rerun-{run + 1}"), IN_PROCESS)
     assert final_state(state) == never_failed[0]
     assert_same_outputs(results.committed_outputs(state), never_failed[1])
-    with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+    with pytest.raises(InputError, match="not a committed snapshot"):
         store.rollback("never-ran")
 
 
@@ -248,7 +249,7 @@ def test_keep_counts_commits_and_rollbacks_and_spares_shared_files(workload, tmp
     report = run_job(config(workload, tmp_path, 2, keep=keep, max_layers=1), IN_PROCESS)
     if keep == 2:  # run-3 and run-1 kept: run-2 retired, and cannot be rolled back to
         assert report["snapshots_removed"] == ["run-2"]
-        with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+        with pytest.raises(InputError, match="not a committed snapshot"):
             store.rollback("run-2")
         return
     assert report["snapshots_removed"] == []

@@ -65,11 +65,12 @@ class CarryPlan:
     allow_non_finite: bool = False
     keep: int | None = None
     orphan_grace_hours: float = 24.0
+    max_rejected_fraction: float | None = None
 
     def commit_target(self) -> CommitTarget:
         return CommitTarget(self.state, self.outputs, self.run_id, self.attempt,
                             self.parent_pointer, self.planned_at, self.keep,
-                            self.orphan_grace_hours * 3600)
+                            self.orphan_grace_hours * 3600, self.max_rejected_fraction)
 
     @property
     def snapshot_files(self) -> list[tuple[str, storage.FileRecord]]:
@@ -86,6 +87,7 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
                reset_state: bool = False, expire_after_runs: int | None = None,
                expire_after_days: float | None = None, max_layers: int = 8,
                keep: int | None = None, orphan_grace_hours: float = 24.0,
+               max_rejected_fraction: float | None = None,
                model_options: ModelOptions | None = None) -> CarryPlan:
     """Check a run's options and fix its plan from ``CURRENT``, the parent manifest and
     the model (no input is read here). The options are those of ``seqcarry run``."""
@@ -96,6 +98,9 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
             or expire_after_days is not None and not 0 < expire_after_days < math.inf):
         raise InputError("--expire-after-runs must be at least 1 and --expire-after-days "
                          "a number of days above 0")
+    if max_rejected_fraction is not None and not 0 <= max_rejected_fraction <= 1:
+        raise InputError(f"--max-rejected-fraction must be between 0 and 1, not "
+                         f"{max_rejected_fraction}")
     storage.check_retention(keep, orphan_grace_hours)
     store = storage.StateStore(state)  # refuses a --state without atomic swaps
     storage.check_location(state, "--state")
@@ -129,7 +134,7 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
               parent.layers if parent else 0, compact)
     return CarryPlan(model, model_options, state, outputs, run_id, attempt, pointer, parent,
                      stack, planner, compact, planned_at, batch_size, window_steps,
-                     allow_non_finite, keep, orphan_grace_hours)
+                     allow_non_finite, keep, orphan_grace_hours, max_rejected_fraction)
 
 
 class CarryState(beam.PTransform):

@@ -14,7 +14,9 @@ import time
 import apache_beam as beam
 
 import storage
+from schemas.contract import InputError
 from schemas.manifest import outputs_dir
+from schemas.validation import UNREADABLE_FILE
 from transforms.sequencing import DEFERRED, PROCESSED, REJECTED, SKIPPED
 
 _LOG = logging.getLogger("seqcarry")
@@ -33,6 +35,7 @@ class CommitTarget:
     planned_at: float  # time.time() when planning began, for the report's seconds
     keep: int | None = None
     orphan_grace_seconds: float = storage.DEFAULT_ORPHAN_GRACE_SECONDS
+    max_rejected_fraction: float | None = None  # None: commit however much was rejected
 
 
 def check_accounts(manifest: storage.Manifest) -> None:
@@ -45,6 +48,39 @@ def check_accounts(manifest: storage.Manifest) -> None:
             f"accounted for {accounted} ("
             f"{', '.join(f'{c} {counts.get(c, 0)}' for c in CATEGORIES)}); nothing was "
             "committed")
+
+
+def rejected_fraction(counts: dict) -> float:
+    """The share of the input rejected: rejected chunks and the rows of files rejected
+    whole (a file that cannot be read at all weighs one row), over the same plus the
+    chunks read. 0 for a run with no input."""
+    unreadable = counts.get(f"files_rejected_{UNREADABLE_FILE}", 0)
+    rejected = (counts.get(REJECTED, 0) + counts.get("chunks_in_rejected_files", 0)
+                + unreadable)
+    total = counts.get("chunks_read", 0) + counts.get("chunks_in_rejected_files", 0) + unreadable
+    return rejected / total if total else 0.0
+
+
+def check_rejections(manifest: storage.Manifest, target: CommitTarget) -> None:
+    """Refuse to commit a run that rejected more of its input than allowed (an
+    InputError: the input is the user's to fix; its dead letters are kept)."""
+    fraction = rejected_fraction(manifest.counts)
+    limit = target.max_rejected_fraction
+    if limit is None or fraction <= limit:
+        return
+    report = make_report(manifest, target, 0.0)
+    where = (report["dead_letters"][0].rsplit("/", 1)[0] if report["dead_letters"]
+             else "the dead_letters PCollection")
+    reasons = {**report["chunks_rejected_by_reason"],
+               **{f"file {reason}": count
+                  for reason, count in report["files_rejected_by_reason"].items()}}
+    raise InputError(
+        f"run {manifest.run_id} rejected {fraction:.1%} of its input, above "
+        f"--max-rejected-fraction {limit:g}: {report['chunks_rejected']} of "
+        f"{report['chunks_read']} chunks read, and {report['files_rejected']} files "
+        f"rejected whole holding {report['chunks_in_rejected_files']} rows ("
+        f"{', '.join(f'{count} {reason}' for reason, count in reasons.items())}); nothing "
+        f"was committed; dead letters are in {where}")
 
 
 def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float) -> dict:
@@ -63,6 +99,9 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
         "chunks_read": counts.get("chunks_read", 0),
         **{category: counts.get(category, 0) for category in CATEGORIES},
         "chunks_rejected_by_reason": by_prefix(f"{REJECTED}_"),
+        "files_rejected": counts.get("files_rejected", 0),
+        "files_rejected_by_reason": by_prefix("files_rejected_"),
+        "chunks_in_rejected_files": counts.get("chunks_in_rejected_files", 0),
         "chunks_pending_total": manifest.pending_chunks,
         "pending_applied": counts.get("pending_applied", 0),
         "pending_rejected": counts.get("pending_rejected", 0),
@@ -89,6 +128,7 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
 def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
     """Check, commit (idempotent), write the report and prune; returns the report."""
     check_accounts(manifest)
+    check_rejections(manifest, target)
     store = storage.StateStore(target.state_url)
     storage.fault_point("before_commit")
     started = time.perf_counter()

@@ -31,8 +31,9 @@ from schemas import (CarriedState, Chunk, DeadLetter, chunks_from_table,
                      chunks_to_table, dead_letters_to_table, outputs_to_table,
                      states_from_table, states_to_table)
 from schemas.manifest import shard_of_file
-from schemas.validation import (ChunkRows, as_chunk_rows, chunk_dead_letter,
-                                file_dead_letter, validate_chunks)
+from schemas.validation import (UNREADABLE_FILE, WRONG_SCHEMA, ChunkRows, RejectedFile,
+                                as_chunk_rows, chunk_dead_letter, rejected_file,
+                                schema_problem, validate_chunks)
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, RunSizing,
                                    split_into_batches, stable_bucket)
 from transforms import staging
@@ -82,15 +83,23 @@ def _counts(counts: dict[str, int]) -> tuple[str, dict[str, int]]:
 
 class ReadParquetBatches(beam.DoFn):
     """An input file's URL -> its rows as :class:`~schemas.validation.ChunkRows`, in
-    batches of about :data:`READ_BATCH_BYTES`, never the whole file at once."""
+    batches of about :data:`READ_BATCH_BYTES`, never the whole file at once; or a
+    :class:`~schemas.validation.RejectedFile` for a file that cannot be read or whose
+    schema cannot hold the contract (then none of its rows, or none after the damage)."""
 
     def process(self, url: str):
         try:
-            for first_row, table in storage.iter_parquet(url, READ_BATCH_BYTES):
-                yield ChunkRows(table, url, first_row)
+            with storage.ParquetInput(url) as parquet:
+                problem = schema_problem(parquet.schema)
+                if problem is not None:
+                    yield rejected_file(url, WRONG_SCHEMA, f"{url}: {problem[1]}",
+                                        parquet.rows)
+                    return
+                for first_row, table in parquet.batches(READ_BATCH_BYTES):
+                    yield ChunkRows(table, url, first_row)
         except storage.UnreadableFile as error:
             # Rows already read went on; the file is one dead letter, not a failed job.
-            yield file_dead_letter(url, str(error))
+            yield rejected_file(url, UNREADABLE_FILE, str(error))
 
 
 class ReadChunkFiles(beam.PTransform):
@@ -108,7 +117,7 @@ class ValidateChunks(beam.DoFn):
     ``staged`` :class:`~transforms.staging.StagedChunks` (the valid rows of a large
     element, parked in a staging file) or ``loose`` Chunks (those of a small one),
     ``ids`` (the distinct sequence ids of the valid rows), ``feature_bytes``,
-    ``dead_letters`` for each invalid row, and counts (``ledger``)."""
+    ``dead_letters`` for each invalid row or rejected file, and counts (``ledger``)."""
 
     def __init__(self, input_dim: int, allow_non_finite: bool, run_id: str,
                  staging_url: str, vocabulary: int | None = None):
@@ -120,8 +129,14 @@ class ValidateChunks(beam.DoFn):
 
     def process(self, element):
         started = time.perf_counter()
+        counts = collections.Counter()
         rows = as_chunk_rows(element)
-        if isinstance(rows, DeadLetter):
+        if isinstance(rows, RejectedFile):
+            chunks, letters = [], []
+            yield "dead_letters", rows.letter
+            counts.update({"files_rejected": 1, f"files_rejected_{rows.letter.reason}": 1,
+                           "chunks_in_rejected_files": rows.rows or 0})
+        elif isinstance(rows, DeadLetter):
             chunks, letters = [], [rows]
         else:
             chunks, letters = validate_chunks(rows.table, rows.source, self._input_dim,
@@ -135,8 +150,8 @@ class ValidateChunks(beam.DoFn):
         for sequence_id in sorted({chunk.sequence_id for chunk in chunks}):
             yield "ids", sequence_id
         yield "feature_bytes", sum(chunk.features.nbytes for chunk in chunks)
-        counts = collections.Counter({"chunks_read": len(chunks) + len(letters),
-                                      "ms_read": _ms_since(started)})
+        counts.update({"chunks_read": len(chunks) + len(letters),
+                       "ms_read": _ms_since(started)})
         for letter in letters:
             yield "dead_letters", letter
             counts[REJECTED] += 1
