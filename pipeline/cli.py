@@ -86,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command_parser=run)
     add_run_arguments(run)
 
-    command("snapshots", "list the committed snapshots, newest first",
-            "List the committed snapshots of a state directory, newest first, following "
-            "parents from CURRENT (marked with *).",
+    command("snapshots", "list the snapshots one can roll back to, newest first",
+            "List every committed snapshot still in a state directory (each one can be "
+            "rolled back to), newest commit first: the current one (marked with *), its "
+            "ancestors, and those rolled back from.",
             "seqcarry snapshots --state gs://my-bucket/seqcarry/state")
 
     verify = command(
@@ -221,14 +222,14 @@ def _model_text(summary: dict) -> str:
 
 
 def _snapshots_table(store: storage.StateStore) -> str:
-    history = store.history()
-    if not history:
+    snapshots = store.snapshots()
+    if not snapshots:
         raise InputError(f"{store.url} has no committed snapshot")
     rows = [("", "run_id", "attempt", "created_at", "sequences", "parent",
-             "chunks_processed")]
-    rows += [("*" if number == 0 else "", m.run_id, m.attempt or "-", m.created_at,
-              str(m.sequences), m.parent or "-", str(m.counts.get("chunks_processed", 0)))
-             for number, m in enumerate(history)]
+             "chunks_processed", "status")]
+    rows += [("*" if status == "current" else "", m.run_id, m.attempt or "-", m.created_at,
+              str(m.sequences), m.parent or "-", str(m.counts.get("chunks_processed", 0)),
+              status) for m, status in snapshots]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in rows)

@@ -217,6 +217,26 @@ class StateStore:
 
     history = lineage  # the runs that made the committed state, newest first
 
+    def snapshots(self) -> list[tuple[Manifest, str]]:
+        """Every committed snapshot still here (one can roll back to each), newest
+        commit first, each with where it stands: ``current``, ``ancestor`` (of the
+        current one) or ``rolled back from`` (off the current lineage)."""
+        lineage = self.lineage()
+        on_lineage = {manifest.run_id for manifest in lineage}
+        found: dict[str, Manifest] = {}
+        for record in reversed(self.commits()):
+            if (record.run_id in found or exists(self._retired_url(*record.snapshot))
+                    or not exists(self.manifest_url(*record.snapshot))):
+                continue
+            found[record.run_id] = self.manifest(*record.snapshot,
+                                                 record.manifest_sha256 or None)
+        for manifest in lineage:  # states from before the commit log
+            found.setdefault(manifest.run_id, manifest)
+        current = lineage[0].run_id if lineage else None
+        return [(manifest, "current" if run_id == current else
+                 "ancestor" if run_id in on_lineage else "rolled back from")
+                for run_id, manifest in found.items()]
+
     def committed_attempt(self, run_id: str) -> CommitRecord | None:
         """The newest commit record of ``run_id`` (None if it was never committed)."""
         found = [record for record in self.commits() if record.run_id == run_id]

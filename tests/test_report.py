@@ -96,13 +96,20 @@ def test_snapshots_and_rollback_commands(tmp_path):
     run_demo(str(tmp_path / "demo"), sequences=6,
              beam_args=["--direct_running_mode=in_memory"])
     state = str(tmp_path / "demo" / "state")
-    listed = seqcarry("snapshots", "--state", state)
-    assert listed.returncode == 0
-    assert [line.split()[-6] for line in listed.stdout.splitlines()[1:]] == [
-        "demo-run-3", "demo-run-2", "demo-run-1"]  # newest first, CURRENT marked *
-    assert listed.stdout.splitlines()[1].startswith("*")
+    def snapshots():
+        listed = seqcarry("snapshots", "--state", state)
+        assert listed.returncode == 0, listed.stderr
+        return [(line.startswith("*"), line.lstrip("* ").split()[0],
+                 line.split("  ")[-1].strip()) for line in listed.stdout.splitlines()[1:]]
+
+    assert snapshots() == [(True, "demo-run-3", "current"), (False, "demo-run-2", "ancestor"),
+                           (False, "demo-run-1", "ancestor")]  # newest first
     back = seqcarry("rollback", "--state", state, "--to", "demo-run-2")
     assert back.returncode == 0 and back.stdout.strip() == \
         "CURRENT moved from demo-run-3 to demo-run-2"
+    # The snapshot rolled back from is still listed: one can roll forward to it.
+    assert snapshots() == [(True, "demo-run-2", "current"),
+                           (False, "demo-run-3", "rolled back from"),
+                           (False, "demo-run-1", "ancestor")]
     unknown = seqcarry("rollback", "--state", state, "--to", "never")
     assert unknown.returncode == 2 and "never is not a committed snapshot" in unknown.stderr
