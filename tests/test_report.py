@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import matplotlib.colors
 import pytest
 
 import storage
@@ -39,8 +40,15 @@ def test_rows_and_plots_hold_the_numbers_of_the_run_reports(history):
 
     plots = report.figures(rows)
     chunks, throughput, live, dead = (plots[t].axes[0] for t in plots)
-    heights = [bar.get_height() for bar in chunks.patches]  # stacked: category by category
+    heights = [bar.get_height() for bar in chunks.patches]  # category by category
     assert heights == [row[c] for c in report.CATEGORIES for row in rows]
+    # One colour per category and reason, the same in every chart; small counts visible.
+    assert chunks.get_yscale() == "log"
+    for container, category in zip(chunks.containers, report.CATEGORIES):
+        assert {bar.get_facecolor() for bar in container} == {
+            matplotlib.colors.to_rgba(report.COLOURS[category])}
+    assert live.lines[1].get_color() == report.COLOURS["chunks_pending_total"] == \
+        report.COLOURS["chunks_deferred"]
     assert list(throughput.lines[0].get_ydata()) == [r["steps_per_second"] for r in runs]
     assert list(live.lines[0].get_ydata()) == [r["sequences_live"] for r in runs]
     assert list(live.lines[1].get_ydata()) == [r["chunks_pending_total"] for r in runs]
@@ -49,6 +57,9 @@ def test_rows_and_plots_hold_the_numbers_of_the_run_reports(history):
         for reason, count in run["chunks_rejected_by_reason"].items():
             by_reason[reason] = by_reason.get(reason, 0) + count
     labels = [text.get_text() for text in dead.get_legend().get_texts()]
+    for label, container in zip(labels, dead.containers):
+        assert container[0].get_facecolor() == matplotlib.colors.to_rgba(
+            report.REASON_COLOURS[label])
     totals = {label: sum(bar.get_height() for bar in container)
               for label, container in zip(labels, dead.containers)}
     assert totals == by_reason
@@ -59,7 +70,10 @@ def test_html_report_is_self_contained(history):
     images = re.findall(r'<img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 4
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
-    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
+    # Each run links to its dead-letter files.
+    letters = [path for run in reports(history) for path in run["dead_letters"]]
+    assert letters and re.findall(r'href="file://([^"]+)"', page) == letters
     data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)'
                                 r'</script>', page, re.S).group(1))
     assert data == report.history_rows(history)
