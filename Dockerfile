@@ -19,13 +19,14 @@ FROM ${LAUNCHER_BASE} AS template-launcher-base
 FROM apache/beam_python3.11_sdk:2.77.0 AS worker
 
 WORKDIR /opt/seqcarry
-COPY setup.py README.md ./
+COPY setup.py README.md constraints.txt ./
 COPY pipeline ./pipeline
 COPY transforms ./transforms
 COPY schemas ./schemas
 COPY storage ./storage
 # tensorflow-cpu; swap `cpu` for `gpu` on a GPU image.
-RUN pip install --no-cache-dir '.[cpu]'
+# The tested versions (constraints.txt: Beam 2.77, as the base image).
+RUN pip install --no-cache-dir -c constraints.txt '.[cpu]'
 
 FROM worker AS launcher
 

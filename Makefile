@@ -4,15 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv run test test-all fuzz bench clean prism flink-up flink-down
+.PHONY: venv run test test-all fuzz bench clean prism flink-up flink-down constraints
 
 venv: $(INSTALLED)
 
-$(INSTALLED): setup.py
+# The tested versions of everything (constraints.txt); `make constraints` records new ones.
+$(INSTALLED): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cpu,report,test]'
 	touch $(INSTALLED)
+
+constraints: $(INSTALLED)
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } \
+	    > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # The built-in demo: generated model and data, three runs in a row on the DirectRunner.
 run: $(INSTALLED)

@@ -9,6 +9,7 @@ import itertools
 import json
 
 import storage
+from schemas.contract import InputError
 from schemas.validation import FILE_REASONS, READ_REASONS
 from transforms.sequencing import PLAN_REASONS
 
@@ -55,7 +56,11 @@ def text_table(rows: list[dict]) -> str:
 
 def figures(rows: list[dict]) -> dict:
     """The four plots of the report, by title (matplotlib Figures)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as missing:  # an extra: workers never need it
+        raise InputError("the report's plots need matplotlib: pip install "
+                         "'seqcarry[report]' (or matplotlib)") from missing
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
