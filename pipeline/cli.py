@@ -171,6 +171,48 @@ def _parser() -> argparse.ArgumentParser:
     import_state.add_argument("--run-id", dest="run_id", default=None,
                               help="name of the snapshot (default: import-<UTC time>)")
 
+    pack = command(
+        "pack", "turn long-format data (one row per step) into chunk files",
+        "Read long-format data, one row per step (Parquet or CSV files: a sequence id "
+        "column, an order column such as a time or step number, feature columns), sort "
+        "each sequence's steps by the order column, cut them into chunks of --chunk-steps "
+        "steps (the last one shorter) and write chunk Parquet files of the data contract "
+        "into --output (new files pack-<UTC time>-<n>.parquet; nothing there is "
+        "overwritten). Chunks are numbered from 0, or with --state from where the "
+        "committed snapshot left each sequence, so new steps append to the runs already "
+        "applied (pass all new steps of a sequence in one pack, and pack after the "
+        "previous run committed). A sequence that ended in the state is refused. Prints "
+        "a JSON summary.",
+        "seqcarry pack --input 'raw/*.csv' --output incoming/2026-11-25 \\\n"
+        "      --chunk-steps 64 --features f0,f1 --state state/", state=False)
+    pack.add_argument("--input", required=True, nargs="+", dest="inputs", metavar="PATH",
+                      help="long-format Parquet or CSV files (.csv, .csv.gz: CSV with a "
+                           "header; anything else: Parquet), folders or globs, local or "
+                           "gs://")
+    pack.add_argument("--output", required=True, metavar="DIR",
+                      help="folder for the chunk files (local or gs://)")
+    pack.add_argument("--chunk-steps", dest="chunk_steps", type=int, required=True,
+                      metavar="N", help="steps per chunk (the last chunk of a sequence "
+                                        "may be shorter)")
+    pack.add_argument("--sequence-column", dest="sequence_column", default="sequence_id",
+                      metavar="C", help="the sequence id column (default sequence_id)")
+    pack.add_argument("--order-column", dest="order_column", default="t", metavar="C",
+                      help="the column that orders a sequence's steps (default t)")
+    pack.add_argument("--features", dest="feature_columns", default=None,
+                      metavar="C1,C2,...",
+                      type=lambda text: [name.strip() for name in text.split(",")
+                                         if name.strip()],
+                      help="the feature columns, in the model's input order (default: "
+                           "every other numeric column, in file order)")
+    pack.add_argument("--last-column", dest="last_column", default=None, metavar="C",
+                      help="a bool column true on a sequence's last step: its last chunk "
+                           "gets is_last, ending the sequence")
+    pack.add_argument("--state", default=None,
+                      help="continue each sequence's chunk numbering from this state's "
+                           "committed snapshot (default: start at chunk 0)")
+    pack.add_argument("--rows-per-file", dest="rows_per_file", type=int, default=10_000,
+                      metavar="N", help="chunks per output file (default 10000)")
+
     demo = command(
         "demo", "generate a model and data, run three times, check against Keras",
         "The built-in demo (what `make run` runs): a generated 2-layer LSTM model and a few "
@@ -324,6 +366,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(import_state(arguments.model, model_options(arguments),
                                           arguments.state, arguments.source,
                                           arguments.run_id), indent=2))
+        elif arguments.command == "pack":
+            from pipeline.pack import pack_files
+
+            summary = pack_files(arguments.inputs, arguments.output,
+                                 chunk_steps=arguments.chunk_steps,
+                                 sequence_column=arguments.sequence_column,
+                                 order_column=arguments.order_column,
+                                 feature_columns=arguments.feature_columns,
+                                 last_column=arguments.last_column, state=arguments.state,
+                                 rows_per_file=arguments.rows_per_file)
+            print(json.dumps(summary, indent=2))
+            print(f"seqcarry: ok: packed {summary['steps']} steps of "
+                  f"{summary['sequences']} sequences into {summary['chunks']} chunks, "
+                  f"{len(summary['files'])} file(s) in {arguments.output}", file=sys.stderr)
         elif arguments.command == "demo":
             from pipeline.demo import run_demo
 
@@ -342,11 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def exit_now(code: int) -> None:
-    """Exit with ``code`` without the interpreter's teardown. C++ threads of
-    TensorFlow, gRPC (Beam) or Arrow racing the teardown sometimes abort the process
-    ("terminate called without an active exception", exit 134) after it has printed
-    its result. The exit handlers still run first: Beam's stop the servers it started
-    (a Prism runner, a Flink job server)."""
+    """Exit with ``code`` without the interpreter's teardown, where C++ threads still
+    running (TensorFlow's, gRPC's for Beam, Arrow's) could race it and abort the process
+    after it printed its result. The one such abort found (exit 134, Arrow dropping a
+    Python buffer at shutdown) is fixed where it happened (``storage.read_buffer``);
+    this stays as a backstop. The exit handlers still run first: Beam's stop the servers
+    it started (a Prism runner, a Flink job server)."""
     # Stopping them is expected here: Beam's "Really destroying service" warning is not
     # for users, and the run's summary stays the last line.
     logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
