@@ -155,6 +155,36 @@ def _parser() -> argparse.ArgumentParser:
     add_model_options(inspect_model)
     inspect_model.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    selfcheck = command(
+        "selfcheck", "check that seqcarry computes exactly what your model computes",
+        "Run the model through seqcarry's kernel on random sequences (token ids for an "
+        "Embedding model), or on a sample of your chunk files (--chunks), cut into random "
+        "chunks (one-step chunks included) and applied in random batches with the state "
+        "carried between calls, on both compiled paths (XLA and plain), and compare the "
+        "per-step outputs and final states with the model's own framework on each whole "
+        "sequence: Keras for a .keras file or a tf.train.Checkpoint, the SavedModel's "
+        "own step signature for a SavedModel (TF1 checkpoints are not supported: exit 2). "
+        "Prints a JSON summary, then the largest difference and ok, or fails with exit "
+        "code 1: here 1 means seqcarry does not compute what the model does (a bug: "
+        "please report it with the summary).",
+        "seqcarry selfcheck --model model.keras --sequences 32 --max-steps 500\n"
+        "  seqcarry selfcheck --model ckpt/model --model-architecture arch.json "
+        "--chunks 'incoming/*.parquet'", state=False)
+    add_model_arguments(selfcheck)
+    selfcheck.add_argument("--chunks", nargs="+", default=[], metavar="PATH",
+                           help="take the sequences from these chunk files (files, folders "
+                                "or globs) instead of random ones")
+    selfcheck.add_argument("--sequences", type=int, default=16, metavar="N",
+                           help="sequences to check (default 16)")
+    selfcheck.add_argument("--max-steps", dest="max_steps", type=int, default=200,
+                           metavar="N", help="steps per sequence: random ones have 1 to N, "
+                                             "those of --chunks are cut at N (default 200)")
+    selfcheck.add_argument("--tolerance", type=float, default=1e-5, metavar="T",
+                           help="largest absolute difference accepted (default 1e-5)")
+    selfcheck.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    selfcheck.add_argument("--window-steps", dest="window_steps", type=int, default=256,
+                           metavar="N", help="as run's --window-steps (default 256)")
+
     import_state = command(
         "import-state", "start a state directory from states saved elsewhere (.npz)",
         "Commit recurrent states saved outside seqcarry (e.g. h and c kept with numpy "
@@ -360,6 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = load_model(arguments.path, model_options(arguments)).summary()
             print(json.dumps(summary, indent=2) if arguments.json else _model_text(summary))
+        elif arguments.command == "selfcheck":
+            from pipeline.selfcheck import result_line, selfcheck
+
+            summary = selfcheck(arguments.model, model_options(arguments),
+                                sequences=arguments.sequences, max_steps=arguments.max_steps,
+                                seed=arguments.seed, tolerance=arguments.tolerance,
+                                chunks=arguments.chunks, window_steps=arguments.window_steps)
+            print(json.dumps(summary, indent=2))
+            print(result_line(summary), file=sys.stderr)
+            if not summary["ok"]:
+                return 1
         elif arguments.command == "import-state":
             from pipeline.importer import import_state
 

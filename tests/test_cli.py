@@ -195,6 +195,7 @@ def test_every_command_follows_one_exit_code_scheme(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_no_abort_at_exit_in_300_verify_calls(tmp_path):
     """Reading Parquet from Python bytes let an Arrow thread drop the last reference at
     interpreter shutdown: about 1 call in 50 aborted (exit 134) after printing ok. The
