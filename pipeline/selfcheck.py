@@ -168,13 +168,10 @@ def random_chunks(rng: np.random.Generator, sequence_id: str,
                   features: np.ndarray) -> list[Chunk]:
     """``features`` cut into chunks of random sizes: each sequence draws a largest
     size (1: all one-step chunks, up to the whole sequence), then sizes 1 to it."""
+    from pipeline.demo import cut_into_chunks
+
     largest = int(rng.choice([1, 3, 17, 64, max(1, len(features))]))
-    chunks, start = [], 0
-    while start < len(features):
-        size = int(rng.integers(1, largest + 1))
-        chunks.append(Chunk(sequence_id, len(chunks), features[start:start + size]))
-        start += size
-    return chunks
+    return cut_into_chunks(rng, sequence_id, features, max_chunk=largest)
 
 
 def compare(stack: "RecurrentStack", whole: dict[str, np.ndarray],
