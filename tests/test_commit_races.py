@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import storage
+from schemas import InputError
 from pipeline import results
 from pipeline.build import run_job
 from pipeline.importer import import_state
@@ -52,7 +53,7 @@ def test_a_rollback_racing_a_prune_fails_instead_of_naming_a_retired_snapshot(
     del store.verify
     assert store.current().run_id == "run-3" and store.verify().run_id == "run-3"
     assert final_state(store.url) == before
-    with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+    with pytest.raises(InputError, match="not a committed snapshot"):
         storage.StateStore(store.url).rollback("run-2")  # retired: refused up front
 
 
@@ -153,7 +154,7 @@ def test_a_commit_killed_between_its_swap_and_its_log_entry(workload, tmp_path, 
         assert store.prune(1) == ["run-1", "run-2"]
         store.verify()
     if then == "both":
-        with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+        with pytest.raises(InputError, match="not a committed snapshot"):
             store.rollback("run-1")
     if then == "rollback":
         store.rollback("run-1")
@@ -221,7 +222,7 @@ def test_a_legacy_snapshot_rolled_back_from_is_retired_too(legacy_code, workload
     left = state_files(state)
     assert not [name for name in left if name.startswith(("snapshots/run-1/",
                                                           "snapshots/run-2/"))]
-    with pytest.raises(storage.StateConflictError, match="not a committed snapshot"):
+    with pytest.raises(InputError, match="not a committed snapshot"):
         store.rollback("run-2")
     assert store.was_committed("run-2")  # its run id stays taken
     store.verify()

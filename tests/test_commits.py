@@ -692,7 +692,7 @@ def test_orphans_are_removed_under_paths_with_brackets(workload, tmp_path):
     assert not attempt_folders(outputs, "run-1")
     # A first run that died left nothing committed: the state is empty, not damaged.
     listed = cli("snapshots", "--state", state)
-    assert listed.returncode == 0 and "no committed snapshot" in listed.stdout
+    assert listed.returncode == 2 and "has no committed snapshot" in one_error_line(listed)
     run_job(cfg, IN_PROCESS)
     assert storage.StateStore(state).current().run_id == "run-1"
 
@@ -749,5 +749,5 @@ def test_rollback_on_a_state_with_nothing_committed_is_one_line_not_a_traceback(
     state = str(tmp_path / "state")
     os.makedirs(state)
     done = cli("rollback", "--state", state, "--to", "run-1")
-    assert done.returncode == 4, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]
     assert "run-1 is not a committed snapshot" in one_error_line(done)
