@@ -299,8 +299,10 @@ def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
     return table
 
 
-# What pyarrow raises for a file that is not (valid) Parquet: its own errors, IO errors,
-# and a damaged footer's names that are not UTF-8 (UnicodeDecodeError, a ValueError).
+# What pyarrow raises for a file that is not (valid) Parquet: its own errors, OSErrors
+# without an errno (pyarrow's for damaged data; one with an errno, or a connection or
+# timeout error, is the storage's), and a damaged footer's names that are not UTF-8
+# (UnicodeDecodeError, a ValueError).
 _PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError)
 
 
@@ -359,6 +361,10 @@ class ParquetInput:
                                  ) from error
         except _PARQUET_ERRORS as error:
             self._stack.close()
+            if isinstance(error, (ConnectionError, TimeoutError)) or getattr(
+                    error, "errno", None):  # the storage failed, not the file: retry it
+                raise StorageError(f"cannot read {self.url}: "
+                                   f"{str(error).splitlines()[0]}") from error
             raise UnreadableFile(f"{self.url} is not a readable Parquet file: "
                                  f"{str(error).splitlines()[0]}") from error
 
