@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 import re
 from typing import Any, Sequence
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 
 import storage
 from schemas import CHUNK_SCHEMA, InputError
+from schemas.validation import decoded_type
 from storage.files import filesystem, read_buffer, storage_errors
 
 _LOG = logging.getLogger("seqcarry")
@@ -342,7 +342,7 @@ def _check_columns(schema: pa.Schema, sequence_column: str, order_column: str,
         if name not in names:
             raise InputError(f"{role} {name!r} not found; the columns are "
                              f"{', '.join(names) or 'none'}")
-    sequence_kind = _value_type(schema.field(sequence_column).type)
+    sequence_kind = decoded_type(schema.field(sequence_column).type)
     if not (pa.types.is_string(sequence_kind) or pa.types.is_large_string(sequence_kind)
             or pa.types.is_integer(sequence_kind)):
         raise InputError(f"sequence column {sequence_column!r} is {sequence_kind}; it must "
@@ -350,7 +350,7 @@ def _check_columns(schema: pa.Schema, sequence_column: str, order_column: str,
     if feature_columns is None:
         features = tuple(field.name for field in schema
                          if field.name not in (sequence_column, order_column, last_column)
-                         and _numeric(_value_type(field.type)))
+                         and _numeric(decoded_type(field.type)))
         if not features:
             raise InputError(f"no numeric feature column besides {sequence_column!r} and "
                              f"{order_column!r}; the columns are {', '.join(names)}")
@@ -361,14 +361,10 @@ def _check_columns(schema: pa.Schema, sequence_column: str, order_column: str,
     if len(set(features)) < len(features):
         raise InputError(f"a feature column is named twice: {', '.join(features)}")
     for name in features:
-        kind = _value_type(schema.field(name).type)
+        kind = decoded_type(schema.field(name).type)
         if not _numeric(kind):
             raise InputError(f"feature column {name!r} is {kind}, not a number type")
     return features
-
-
-def _value_type(kind: pa.DataType) -> pa.DataType:
-    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
 def _sequence_ids(column: pa.ChunkedArray, name: str) -> pa.Array:
@@ -407,7 +403,7 @@ def _numbers(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _last_flags(column: pa.ChunkedArray, name: str, sorting: pa.Array) -> np.ndarray:
-    kind = _value_type(column.type)
+    kind = decoded_type(column.type)
     if not (pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)):
         raise InputError(f"last column {name!r} is {kind}; it must be bool (or 0/1)")
     flags = pc.fill_null(column.cast(pa.bool_()), False).take(sorting)
@@ -498,21 +494,8 @@ def _first_chunk_indexes(state: str, sequence_ids: pa.Array) -> tuple[np.ndarray
 
 def _snapshot_columns(record: storage.FileRecord, columns: list[str],
                       sequence_ids: pa.Array) -> pa.Table:
-    """Some columns of one snapshot file (checked against its manifest record, as
-    :func:`storage.read_table` does), rows of ``sequence_ids`` only; the other columns,
-    state vectors included, are not decoded."""
-    data = read_buffer(record.path)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record.sha256:
-        raise storage.IntegrityError(f"{record.path} is damaged: its sha256 is {digest}, "
-                                     f"the manifest says {record.sha256}")
-    try:
-        table = pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
-    except (pa.ArrowException, OSError, ValueError) as error:
-        raise storage.StorageError(f"{record.path} is not a readable Parquet file: "
-                                   f"{str(error).splitlines()[0]}") from error
-    if table.num_rows != record.rows:
-        raise storage.IntegrityError(f"{record.path} has {table.num_rows} rows, the "
-                                     f"manifest says {record.rows}")
+    """Some columns of one snapshot file (checked against its manifest record), rows of
+    ``sequence_ids`` only; the other columns, state vectors included, are not decoded."""
+    table = storage.read_table(record.path, record, columns)
     return table.filter(pc.is_in(table["sequence_id"].cast(pa.string()),
                                  value_set=sequence_ids))

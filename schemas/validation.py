@@ -109,7 +109,7 @@ def _is_list(data_type: pa.DataType) -> bool:
             or pa.types.is_fixed_size_list(data_type))
 
 
-def _decoded(data_type: pa.DataType) -> pa.DataType:
+def decoded_type(data_type: pa.DataType) -> pa.DataType:
     """The type of a column's values: a dictionary-encoded column's value type."""
     return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 
@@ -140,7 +140,7 @@ def schema_problem(schema: pa.Schema) -> tuple[str, str] | None:
         return MISSING_COLUMN, (f"missing column(s) {', '.join(missing)}; found "
                                 f"{', '.join(schema.names) or 'none'}")
     for name, (accepts, expected) in COLUMN_TYPES.items():
-        if name in schema.names and not accepts(_decoded(schema.field(name).type)):
+        if name in schema.names and not accepts(decoded_type(schema.field(name).type)):
             return WRONG_TYPE, (f"column {name} is {schema.field(name).type}, expected "
                                 f"{expected}")
     return None
@@ -151,7 +151,7 @@ def _ids_if_readable(table: pa.Table) -> list[str | None]:
     one text column holds them."""
     fields = table.schema.get_all_field_indices("sequence_id")
     if len(fields) != 1 or not COLUMN_TYPES["sequence_id"][0](
-            _decoded(table.schema.field(fields[0]).type)):
+            decoded_type(table.schema.field(fields[0]).type)):
         return [None] * table.num_rows
     return [value if isinstance(value, str) else None
             for value in _texts(table.column(fields[0]))]
@@ -183,8 +183,8 @@ def _row_record(table: pa.Table, row: int) -> str:
     try:
         return record_json(one.to_pylist()[0])
     except UnicodeDecodeError:
-        text_columns = [pa.types.is_string(_decoded(f.type))
-                        or pa.types.is_large_string(_decoded(f.type)) for f in one.schema]
+        text_columns = [COLUMN_TYPES["sequence_id"][0](decoded_type(f.type))
+                        for f in one.schema]
         record = {name: (column.cast(pa.large_binary())[0].as_py().decode(
                              "utf-8", "backslashreplace") if text and column[0].is_valid
                          else column[0].as_py())
@@ -238,7 +238,7 @@ def validate_chunks(table: pa.Table, source: str, input_dim: int,
                                              "integer in [0, 2**63)")
 
     features = columns["features"]
-    value_type = _decoded(features.type).value_type.value_type
+    value_type = decoded_type(features.type).value_type.value_type
     matrix = features.cast(pa.list_(pa.list_(value_type))).combine_chunks()
     outer = matrix.offsets.to_numpy()
     inner = matrix.values.offsets.to_numpy()

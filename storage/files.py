@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -281,8 +281,10 @@ def write_table(url: str, table: pa.Table, layer: int | None = None) -> FileReco
     return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest(), layer)
 
 
-def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
-    """Read a Parquet file; with ``expected``, first check its sha256 and row count."""
+def read_table(url: str, expected: FileRecord | None = None,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a Parquet file (only ``columns``, if given: the others are not decoded);
+    with ``expected``, first check its sha256 and row count."""
     data = read_buffer(url)
     digest = hashlib.sha256(data).hexdigest() if expected is not None else None
     if expected is not None and digest != expected.sha256:
@@ -290,7 +292,7 @@ def read_table(url: str, expected: FileRecord | None = None) -> pa.Table:
             f"{url} is damaged: its sha256 is {digest}, the "
             f"manifest says {expected.sha256} ({len(data)} bytes read); nothing was changed")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
     if expected is not None and table.num_rows != expected.rows:
