@@ -132,6 +132,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sequence", required=True, help="the sequence_id to show")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    outputs = command(
+        "outputs", "the committed per-step outputs of sequences across runs, in order",
+        "Read the per-step outputs every committed run wrote (through the manifests, so "
+        "only committed files, checksums checked, whatever layout they were written in), "
+        "one row per step in step order: sequence_id, step (its place in the whole "
+        "sequence), chunk_index, run_id, output_0 ... Without --to, CSV on stdout.",
+        "seqcarry outputs --state build/demo/state --sequence seq-00007\n"
+        "  seqcarry outputs --state gs://b/state --run-id 2026-11-25 --to day.parquet")
+    outputs.add_argument("--sequence", nargs="+", default=None, metavar="ID",
+                         help="only these sequence_ids (default: all)")
+    outputs.add_argument("--run-id", dest="run_id", default=None,
+                         help="only what this committed run computed (default: every run "
+                              "of the committed history that retention keeps)")
+    outputs.add_argument("--to", default=None, metavar="FILE",
+                         help="write to FILE (local or gs://), Parquet if it ends in "
+                              ".parquet, CSV if in .csv")
+
     report = command(
         "report", "the run history as a table, and as an HTML page with plots",
         "The committed runs as a table: chunks by category, pending chunks, live sequences, "
@@ -374,6 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(missing.args[0]) from missing
             print(json.dumps(details, indent=2) if arguments.json
                   else _details_text(details))
+        elif arguments.command == "outputs":
+            from pipeline.results import read_outputs, write_table_as
+
+            table = read_outputs(arguments.state, arguments.sequence, arguments.run_id)
+            if arguments.to:
+                write_table_as(table, arguments.to)
+                print(f"wrote {len(table)} steps of "
+                      f"{len(table['sequence_id'].unique())} sequences to {arguments.to}",
+                      file=sys.stderr)
+            else:
+                write_table_as(table, sys.stdout.buffer)
         elif arguments.command == "report":
             from pipeline import report
 

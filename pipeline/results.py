@@ -1,25 +1,143 @@
-"""Reading what committed runs produced: per-step outputs and carried states."""
+"""Reading what committed runs produced: per-step outputs and carried states.
+
+The outputs are read through the manifests, never by listing folders, so what is
+returned is exactly what was committed (checksums checked), in every layout a state
+has been written in::
+
+    from pipeline.results import read_outputs
+    table = read_outputs("build/demo/state", sequence_ids=["seq-00007"])
+    frame = table.to_pandas()  # sequence_id, step, chunk_index, run_id, output_0...
+"""
 from __future__ import annotations
 
 import collections
 import datetime
+from typing import BinaryIO, Iterable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv  # noqa: F401  (pa.csv)
+import pyarrow.parquet as pq
 
 import storage
-from schemas import CarriedState, Chunk, chunks_from_table, outputs_from_table, states_from_table
+from schemas import (CarriedState, Chunk, InputError, chunks_from_table, matrices_from_array,
+                     outputs_from_table, states_from_table)
+
+
+def _runs_to_read(store: storage.StateStore, run_id: str | None) -> list[storage.Manifest]:
+    """The committed lineage oldest first, or the one committed snapshot ``run_id``."""
+    if run_id is None:
+        return store.lineage()[::-1]
+    for manifest, _ in store.snapshots():
+        if manifest.run_id == run_id:
+            return [manifest]
+    raise InputError(f"run {run_id!r} is not a committed snapshot kept in {store.url}; "
+                     "`seqcarry snapshots` lists them")
+
+
+def _steps_before(store: storage.StateStore, manifest: storage.Manifest,
+                  wanted: set[str] | None) -> dict[str, int] | None:
+    """Steps each sequence had seen before ``manifest``'s run (from its parent
+    snapshot); None when that snapshot was removed by retention."""
+    if manifest.parent is None:
+        return {}
+    parent = (manifest.parent, manifest.parent_attempt)
+    if not storage.exists(store.manifest_url(*parent)):
+        return None
+    only = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else None
+    states, _ = snapshot_contents(store.manifest(*parent), only)
+    return {key: state.steps_seen for key, state in states.items()}
+
+
+def read_outputs(state_url: str, sequence_ids: Iterable[str] | None = None,
+                 run_id: str | None = None) -> pa.Table:
+    """The committed per-step outputs, one row per step, in step order per sequence
+    (sequences sorted by id): ``sequence_id``, ``step`` (the step's place in the whole
+    sequence, from 0), ``chunk_index``, ``run_id`` (the run that computed it) and
+    ``output_0`` ... ``output_<k-1>`` (float32).
+
+    Reads every run of the committed lineage (those retention still keeps), or only
+    the committed snapshot ``run_id`` (an InputError if there is none such);
+    ``sequence_ids`` limits it to those sequences. ``step`` is null for a sequence
+    whose earlier steps are in a snapshot retention (``--keep``) has removed.
+    """
+    store = storage.StateStore(state_url)
+    runs = _runs_to_read(store, run_id)
+    wanted = None if sequence_ids is None else set(sequence_ids)
+    parts = []
+    for manifest in runs:
+        for record in manifest.output_files:
+            table = storage.read_table(record.path, record)
+            if wanted is not None:
+                table = table.filter(pc.is_in(table["sequence_id"],
+                                              pa.array(sorted(wanted), pa.string())))
+            if len(table):
+                parts.append(table.append_column(
+                    "run_id", pa.array([manifest.run_id] * len(table), pa.string())))
+    if not parts:
+        return _per_step_table(pa.array([], pa.string()), pa.array([], pa.int64()),
+                               pa.array([], pa.int64()), pa.array([], pa.string()),
+                               np.zeros((0, 0), np.float32))
+    chunks = pa.concat_tables(parts).sort_by([("sequence_id", "ascending"),
+                                              ("chunk_index", "ascending")])
+    matrices = matrices_from_array(chunks["outputs"], "outputs")
+    widths = {matrix.shape[1] for matrix in matrices if len(matrix)}
+    if len(widths) > 1:
+        raise InputError(f"the outputs of {state_url} have different widths {sorted(widths)}: "
+                         "read them one run at a time (--run-id)")
+    # Each step's chunk row, and its place among its sequence's steps read here.
+    steps = np.fromiter((len(m) for m in matrices), np.int64, len(matrices))
+    row_of_step = pa.array(np.repeat(np.arange(len(matrices)), steps))
+    ids = chunks["sequence_id"].to_numpy(zero_copy_only=False)
+    new_sequence = np.r_[True, ids[1:] != ids[:-1]]
+    sequence_of_row = np.cumsum(new_sequence) - 1
+    first_row = np.flatnonzero(new_sequence)
+    sequence_start = np.r_[0, np.cumsum(steps)[:-1]][first_row]
+    within = np.arange(int(steps.sum())) - np.repeat(sequence_start[sequence_of_row], steps)
+    # A sequence read from its chunk 0 starts at step 0; else where its parent left it.
+    before = _steps_before(store, runs[0], wanted)
+    first_index = chunks["chunk_index"].to_numpy()[first_row]
+    offsets = pa.array([0 if index == 0 else before.get(ids[row], 0) if before is not None
+                        else None for row, index in zip(first_row, first_index)], pa.int64())
+    step = pc.add(pa.array(within), offsets.take(pa.array(np.repeat(sequence_of_row, steps))))
+    return _per_step_table(chunks["sequence_id"].take(row_of_step), step,
+                           chunks["chunk_index"].take(row_of_step),
+                           chunks["run_id"].take(row_of_step),
+                           np.concatenate(matrices).reshape(len(within), max(widths, default=0)))
+
+
+def _per_step_table(sequence_id: pa.Array, step: pa.Array, chunk_index: pa.Array,
+                    run_id: pa.Array, values: np.ndarray) -> pa.Table:
+    return pa.table({"sequence_id": sequence_id, "step": step, "chunk_index": chunk_index,
+                     "run_id": run_id,
+                     **{f"output_{i}": pa.array(values[:, i]) for i in range(values.shape[1])}})
+
+
+def write_table_as(table: pa.Table, target: str | BinaryIO) -> None:
+    """Write ``table`` to ``target``: a path or URL ending in ``.parquet`` or ``.csv``
+    (an InputError for any other), or a binary stream (CSV)."""
+    if not isinstance(target, str):
+        pa.csv.write_csv(table, target)
+        return
+    kind = target.rsplit(".", 1)[-1].lower()
+    if kind not in ("parquet", "csv"):
+        raise InputError(f"--to {target!r}: the name must end in .parquet or .csv")
+    sink = pa.BufferOutputStream()
+    (pq.write_table if kind == "parquet" else pa.csv.write_csv)(table, sink)
+    storage.write_bytes(target, sink.getvalue())
 
 
 def committed_outputs(state_url: str) -> dict[str, np.ndarray]:
-    """Every committed run's outputs, concatenated per sequence in chunk order."""
-    chunks = collections.defaultdict(dict)
-    for manifest in storage.StateStore(state_url).history():
-        for record in manifest.output_files:
-            for output in outputs_from_table(storage.read_table(record.path, record), record.path):
-                chunks[output.sequence_id][output.chunk_index] = output.outputs
-    return {sequence_id: np.concatenate([by_index[i] for i in sorted(by_index)])
-            for sequence_id, by_index in chunks.items()}
+    """Every committed run's outputs, concatenated per sequence in step order."""
+    table = read_outputs(state_url)
+    if not len(table):
+        return {}
+    names = [name for name in table.column_names if name.startswith("output_")]
+    values = np.stack([table[name].to_numpy() for name in names], axis=1)
+    ids = table["sequence_id"].to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
+    return {ids[start]: values[start:end] for start, end in zip(bounds[:-1], bounds[1:])}
 
 
 def snapshot_contents(manifest: storage.Manifest, sequence_id: str | None = None

@@ -11,11 +11,20 @@ Layout under ``--state`` (names relative to it)::
     snapshots/<run_id>/<attempt>/report.json     the run report, written by the job
     staging/<run_id>/<attempt>/                  chunk features while the attempt runs
 
-and under ``--outputs``: ``<run_id>/<attempt>/part-*.parquet`` (per-step outputs),
-``.../dead_letters/`` and ``.../final_states/``. Every file of an attempt is below a
-folder of its own, so two attempts of one run id never touch each other's files.
-State directories written before attempts existed have no ``<attempt>`` level
-(``attempt`` is None for them) and keep being read.
+and under ``--outputs`` (see :data:`RUN_FILE_TREES`)::
+
+    <run_id>/<attempt>/part-*.parquet                 per-step outputs, nothing else
+    _dead_letters/<run_id>/<attempt>/part-*.parquet   rejected input, with reasons
+    _final_states/<run_id>/<attempt>/part-*.parquet   states of sequences that ended
+
+so ``<outputs>/`` and ``<outputs>/<run_id>/`` read whole (pyarrow, pandas, Beam's
+``ReadFromParquet``, BigQuery, Spark) hold one schema: those readers skip names that
+start with ``_``, and no run id can. Every file of an attempt is below a folder of its
+own, so two attempts of one run id never touch each other's files; once a run commits,
+its other attempts' output folders are removed. Runs written before this layout keep
+dead letters and final states inside the attempt's folder (``.../dead_letters/``), and
+state directories written before attempts existed have no ``<attempt>`` level
+(``attempt`` is None for them); manifests name every file, so both keep being read.
 """
 from __future__ import annotations
 
@@ -79,9 +88,16 @@ def staging_dir(run_id: str, attempt: str) -> str:
     return f"staging/{run_id}/{attempt}"
 
 
-def outputs_dir(run_id: str, attempt: str | None) -> str:
-    """An attempt's folder under ``--outputs``."""
-    return "/".join([run_id] + ([attempt] if attempt else []))
+# The trees under --outputs, by kind of run file: per-step outputs at the top.
+RUN_FILE_TREES = {"outputs": "", "dead_letters": "_dead_letters",
+                  "final_states": "_final_states"}
+
+
+def outputs_dir(run_id: str, attempt: str | None, kind: str = "outputs") -> str:
+    """An attempt's folder of ``kind`` (a key of :data:`RUN_FILE_TREES`) under
+    ``--outputs``."""
+    return "/".join(([RUN_FILE_TREES[kind]] if RUN_FILE_TREES[kind] else [])
+                    + [run_id] + ([attempt] if attempt else []))
 
 
 def snapshot_file_name(kind: str, shard: int, shards: int) -> str:

@@ -10,15 +10,15 @@ from storage.files import (IntegrityError, ParquetInput, StorageError, Unreadabl
                            write_bytes, write_json, write_table)
 from storage.state import (DEFAULT_ORPHAN_GRACE_SECONDS, StateConflictError, StateStore,
                            UnsupportedLocation, check_retention, file_key,
-                           read_json_object, run_file_url)
+                           read_json_object, remove_other_attempts, run_file_url)
 
 __all__ = [
     "DEFAULT_ORPHAN_GRACE_SECONDS", "FAULT_ENV", "FAULT_STAGES", "RETIRED", "CommitRecord",
     "FileRecord", "InjectedFault", "IntegrityError", "Manifest", "ParquetInput",
     "StateConflictError", "StateStore", "StorageError", "UnreadableFile",
-    "UnsupportedLocation", "check_location", "check_retention", "exists", "fault_point", "ipc_file_bytes", "file_key", "join",
-    "list_files", "list_names", "local_copy", "local_copy_checkpoint", "newest_layer",
-    "read_bytes", "read_ipc_rows", "read_json", "read_json_object", "read_table",
-    "remove_file", "remove_tree", "run_file_url", "write_bytes", "write_json",
-    "write_table",
+    "UnsupportedLocation", "check_location", "check_retention", "exists", "fault_point",
+    "file_key", "ipc_file_bytes", "join", "list_files", "list_names", "local_copy",
+    "local_copy_checkpoint", "newest_layer", "read_bytes", "read_ipc_rows", "read_json",
+    "read_json_object", "read_table", "remove_file", "remove_other_attempts", "remove_tree",
+    "run_file_url", "write_bytes", "write_json", "write_table",
 ]

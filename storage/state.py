@@ -2,7 +2,7 @@
 
 The protocol (the layout is in :mod:`schemas.manifest`): every attempt of a run writes
 only below folders of its own (``snapshots/<run_id>/<attempt>/``, ``staging/...``,
-``<outputs>/<run_id>/<attempt>/``), so two attempts never touch each other's files and
+``<outputs>/[_kind/]<run_id>/<attempt>/``), so two attempts never touch each other's files and
 a retried bundle rewrites its own file. The job's last step writes the manifest, then
 moves ``CURRENT`` from the snapshot the run was planned on to the attempt's, with a
 compare-and-swap: an object generation precondition on ``gs://`` (google-cloud-storage),
@@ -24,8 +24,8 @@ from typing import Any, Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.contract import InputError
-from schemas.manifest import (RELATIVE_LAYOUT, RETIRED, SNAPSHOT_FILE_KINDS, CommitRecord,
-                              Manifest, ManifestError, attempt_started_at, checked_run_id,
+from schemas.manifest import (RELATIVE_LAYOUT, RETIRED, RUN_FILE_TREES, SNAPSHOT_FILE_KINDS,
+                              CommitRecord, Manifest, ManifestError, attempt_started_at, checked_run_id,
                               log_name, outputs_dir, snapshot_dir, snapshot_file_name,
                               staging_dir)
 from storage.faults import fault_point
@@ -458,10 +458,10 @@ class StateStore:
         for run_id, attempt in _attempt_folders(join(self.url, "staging")):
             if _older_than(attempt, cutoff):
                 self.remove_staging(run_id, attempt)
-        if outputs_url:
-            for snapshot in _attempt_folders(outputs_url):
+        for kind, tree in RUN_FILE_TREES.items() if outputs_url else ():
+            for snapshot in _attempt_folders(join(outputs_url, tree) if tree else outputs_url):
                 if snapshot not in committed and _older_than(snapshot[1], cutoff):
-                    _remove_folder(join(outputs_url, outputs_dir(*snapshot)))
+                    _remove_folder(join(outputs_url, outputs_dir(*snapshot, kind)))
         return retired_now
 
     def _legacy_committed(self) -> list[Snapshot]:
@@ -566,11 +566,22 @@ def file_key(url: str) -> str:
     return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else url_of(fs, path)
 
 
-def run_file_url(outputs: str, run_id: str, attempt: str, folder: str, part: str) -> str:
-    """A file an attempt writes under ``--outputs``:
-    ``<outputs>/<run_id>/<attempt>/[folder/]part-*``."""
-    return join(outputs, outputs_dir(run_id, attempt), *([folder] if folder else []),
-                f"part-{part}.parquet")
+def run_file_url(outputs: str, run_id: str, attempt: str, kind: str, part: str) -> str:
+    """A file of ``kind`` (a key of :data:`~schemas.manifest.RUN_FILE_TREES`) an attempt
+    writes under ``--outputs``."""
+    return join(outputs, outputs_dir(run_id, attempt, kind), f"part-{part}.parquet")
+
+
+def remove_other_attempts(outputs: str, run_id: str, attempt: str) -> None:
+    """Remove the output folders (every kind) of ``run_id``'s attempts other than
+    ``attempt``, the one that committed: a run id commits once, so they are
+    leftovers of failed tries, and ``<outputs>/<run_id>/`` then holds only the
+    committed outputs."""
+    for kind in RUN_FILE_TREES:
+        root = join(outputs, outputs_dir(run_id, None, kind))
+        for other in list_names(root)[0]:
+            if other != attempt and attempt_started_at(other) is not None:
+                _remove_folder(join(root, other))
 
 
 # --- the compare-and-swap of CURRENT, per filesystem ----------------------------------

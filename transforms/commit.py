@@ -138,6 +138,8 @@ def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
     report["stage_seconds"]["commit"] = round(time.perf_counter() - started, 3)
     store.write_report(target.run_id, target.attempt, report)
     store.remove_staging(target.run_id, target.attempt)  # every chunk was read by now
+    if target.outputs_url is not None:
+        _remove_failed_tries(target)
     _LOG.info("event=committed run_id=%s attempt=%s chunks_processed=%d steps=%d",
               target.run_id, target.attempt, report["chunks_processed"],
               report["steps_processed"])
@@ -146,6 +148,16 @@ def commit_run(manifest: storage.Manifest, target: CommitTarget) -> dict:
                                                   target.orphan_grace_seconds)
         store.write_report(target.run_id, target.attempt, report)
     return report
+
+
+def _remove_failed_tries(target: CommitTarget) -> None:
+    """Remove the output folders of the run id's uncommitted attempts, so the run's
+    outputs folder reads whole; a failure only delays that to ``seqcarry gc``."""
+    try:
+        storage.remove_other_attempts(target.outputs_url, target.run_id, target.attempt)
+    except storage.StorageError as error:
+        _LOG.warning("event=cleanup_failed run_id=%s: %s; `seqcarry gc --outputs` removes "
+                     "them later", target.run_id, error)
 
 
 class CommitRun(beam.DoFn):

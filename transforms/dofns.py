@@ -324,10 +324,10 @@ class PlanAndRunBucket(beam.DoFn):
 
 
 class _WriteRunFile(beam.DoFn):
-    """Base of the DoFns that write one Parquet file per element under
-    ``<outputs>/<run_id>/<attempt>/[folder/]``, named by the element's key."""
+    """Base of the DoFns that write one Parquet file per element in the attempt's
+    folder of their ``kind`` under ``--outputs``, named by the element's key."""
 
-    folder = ""
+    kind = "outputs"  # a key of schemas.manifest.RUN_FILE_TREES
 
     def __init__(self, outputs_url: str, run_id: str, attempt: str):
         self._outputs_url = outputs_url
@@ -338,7 +338,7 @@ class _WriteRunFile(beam.DoFn):
         """Write ``table``; the ledger entries of the file and of the time taken since
         ``started``."""
         url = storage.run_file_url(self._outputs_url, self._run_id, self._attempt,
-                                   self.folder, part)
+                                   self.kind, part)
         record = storage.write_table(url, table)
         return [(kind, record), _counts({"ms_write": _ms_since(started)})]
 
@@ -386,9 +386,9 @@ class WriteSnapshotShard(beam.DoFn):
 
 
 class WriteDeadLetters(_WriteRunFile):
-    """``(shard, [DeadLetter])`` -> ``.../<attempt>/dead_letters/part-*.parquet``."""
+    """``(shard, [DeadLetter])`` -> ``_dead_letters/<run_id>/<attempt>/part-*.parquet``."""
 
-    folder = "dead_letters"
+    kind = "dead_letters"
 
     def process(self, element: tuple[int, Iterable[DeadLetter]]):
         started = time.perf_counter()
@@ -401,9 +401,10 @@ class WriteDeadLetters(_WriteRunFile):
 
 
 class WriteFinalStates(_WriteRunFile):
-    """``(shard, [(CarriedState, end_reason)])`` -> ``.../<attempt>/final_states/``."""
+    """``(shard, [(CarriedState, end_reason)])`` ->
+    ``_final_states/<run_id>/<attempt>/part-*.parquet``."""
 
-    folder = "final_states"
+    kind = "final_states"
 
     def __init__(self, outputs_url: str, run_id: str, attempt: str,
                  state_names: Sequence[str]):
