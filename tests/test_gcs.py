@@ -76,9 +76,64 @@ def test_a_run_killed_on_gcs_leaves_the_committed_snapshot_intact(workload, buck
     assert died.returncode == -9
     store = storage.StateStore(config.state)
     assert store.verify().run_id == "run-1"
-    run_job(config, IN_PROCESS)
+    committed = run_job(config, IN_PROCESS)["attempt"]
+    # The killed attempt's output folders went when run-2 committed.
+    for tree in ("", "/_dead_letters", "/_final_states"):
+        assert storage.list_names(f"{config.outputs}{tree}/run-2")[0] in ([], [committed])
+    assert storage.list_names(f"{config.outputs}/run-2")[0] == [committed]
     run_job(gs_config(model, directories[2], bucket, "run-3"), IN_PROCESS)
     assert_equals_whole_sequence_model(workload, config.state)
+
+
+def test_pack_run_and_read_outputs_all_on_gcs(bucket, tmp_path):
+    """Long-format CSV on gs:// packed into chunks on gs://, run, the rest packed as
+    Parquet against the gs:// state, run again; `seqcarry outputs` writes to gs://:
+    every sequence equals Keras on its whole sequence, step by step."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.demo import make_model
+    from pipeline.pack import pack_files
+    from transforms.reference import keras_whole_sequence
+
+    rng = np.random.default_rng(3)
+    model = make_model(str(tmp_path / "m.keras"), 2, (5,), 3)
+    whole = {f"s{n}": rng.normal(size=(steps, 2)).astype(np.float32)
+             for n, steps in enumerate([1, 5, 12, 30])}
+    cut = {key: (len(value) + 1) // 2 for key, value in whole.items()}
+
+    def long_frame(part):
+        rows = [(key, step, *whole[key][step]) for key in whole for step in part(key)]
+        return pd.DataFrame(rows, columns=["sequence_id", "t", "f0", "f1"]).sample(
+            frac=1, random_state=0)
+
+    days = [long_frame(lambda key: range(cut[key])),
+            long_frame(lambda key: range(cut[key], len(whole[key])))]
+    storage.write_bytes(f"{bucket}/raw/day-1.csv", days[0].to_csv(index=False).encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(days[1], preserve_index=False), sink)
+    storage.write_bytes(f"{bucket}/raw/day-2/part.parquet", sink.getvalue())
+    state, outputs = f"{bucket}/state", f"{bucket}/outputs"
+    for day, source in enumerate([f"{bucket}/raw/day-1.csv", f"{bucket}/raw/day-2"], 1):
+        summary = pack_files(source, f"{bucket}/chunks/day-{day}", chunk_steps=4,
+                             feature_columns=["f0", "f1"], state=state)
+        assert summary["steps"] == len(days[day - 1])
+        run_job(RunConfig(model=model, chunks=f"{bucket}/chunks/day-{day}", state=state,
+                          outputs=outputs, run_id=f"day-{day}", batch_size=4,
+                          window_steps=16), IN_PROCESS)
+    done = subprocess.run([SEQCARRY, "outputs", "--state", state, "--to",
+                           f"{bucket}/read/all.csv"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    frame = pd.read_csv(pa.BufferReader(storage.read_bytes(f"{bucket}/read/all.csv")))
+    reference = keras_whole_sequence(model)
+    for key, features in whole.items():
+        rows = frame[frame["sequence_id"] == key]
+        assert rows["step"].tolist() == list(range(len(features)))
+        np.testing.assert_allclose(rows[["output_0", "output_1", "output_2"]].to_numpy(),
+                                   reference(features)[0], atol=1e-5)
 
 
 def test_a_damaged_object_on_gcs_is_named_and_left_alone(workload, bucket):
