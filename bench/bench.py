@@ -117,7 +117,7 @@ def seed_rate(model_path: str, features: np.ndarray) -> float:
 
 def kernel_rate(model_path: str, features: np.ndarray) -> float:
     from transforms.kernel import StepKernel
-    from transforms.model import load_model
+    from transforms.models import load_model
 
     stack = load_model(model_path)
     kernel = StepKernel(stack)

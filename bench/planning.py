@@ -128,7 +128,7 @@ def _seed(base: str, root: str) -> tuple[str, str]:
     """Upload the model and commit a first state; returns (model URL, state URL)."""
     from pipeline.demo import make_model
     from pipeline.importer import import_state
-    from transforms.model import ModelOptions, load_model
+    from transforms.models import ModelOptions, load_model
 
     local_model = make_model(os.path.join(root, "model.keras"), input_dim=INPUT_DIM,
                              units=(UNITS,), output_dim=2, seed=0)

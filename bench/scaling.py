@@ -22,7 +22,7 @@ def _snapshot(state_url: str, model_path: str, sequence_ids: list[str]) -> None:
     """Start ``state_url`` with random states for ``sequence_ids`` (``seqcarry
     import-state``), instead of a long set-up run."""
     from pipeline.importer import import_state
-    from transforms.model import ModelOptions, load_model
+    from transforms.models import ModelOptions, load_model
 
     stack = load_model(model_path)
     rng = np.random.default_rng(1)

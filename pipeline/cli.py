@@ -330,7 +330,7 @@ def classify_error(error: BaseException | None) -> tuple[int, BaseException] | N
     Runners wrap what a DoFn raised; None means no seqcarry error is behind it (a bug).
     """
     from schemas import ContractError
-    from transforms.model import ModelError
+    from transforms.models import ModelError
 
     codes = ((JobFailedError, EXIT_JOB_FAILED),
              (storage.StateConflictError, EXIT_STATE_CONFLICT),
@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     report.html_page(arguments.state, rows).encode())
                 print(f"wrote {arguments.html}")
         elif arguments.command == "inspect-model":
-            from transforms.model import load_model
+            from transforms.models import load_model
 
             summary = load_model(arguments.path, model_options(arguments)).summary()
             print(json.dumps(summary, indent=2) if arguments.json else _model_text(summary))

@@ -22,7 +22,7 @@ import storage
 from pipeline.options import InputError
 from schemas import CarriedState, states_to_table
 from schemas.manifest import checked_run_id, new_attempt_id
-from transforms.model import ModelOptions, load_model
+from transforms.models import ModelOptions, load_model
 
 _OPTIONAL = ("next_chunk_index", "steps_seen")
 

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from schemas.contract import InputError
 
 if TYPE_CHECKING:
-    from transforms.model import ModelOptions
+    from transforms.models import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ def _absolute(location: str) -> str:
 
 
 def model_options(values: "RunConfig | argparse.Namespace") -> "ModelOptions":
-    """The :class:`~transforms.model.ModelOptions` of parsed model options."""
-    from transforms.model import ModelOptions
+    """The :class:`~transforms.models.ModelOptions` of parsed model options."""
+    from transforms.models import ModelOptions
 
     return ModelOptions.from_arguments(values.model_architecture, values.tf1_scopes,
                                        values.tf1_forget_bias)

@@ -31,7 +31,7 @@ import storage
 from schemas import CarriedState, Chunk, InputError
 
 if TYPE_CHECKING:
-    from transforms.model import ModelOptions, RecurrentStack, StepFunctionLayer
+    from transforms.models import ModelOptions, RecurrentStack, StepFunctionLayer
 
 # (features [steps, input_dim]) -> (outputs [steps, output_dim], final state parts)
 Oracle = Callable[[np.ndarray], tuple[np.ndarray, list[np.ndarray]]]
@@ -45,15 +45,15 @@ def selfcheck(model: str, options: "ModelOptions | None" = None, *, sequences: i
               chunks: Sequence[str] = (), window_steps: int = 256) -> dict:
     """Check that seqcarry computes what ``model`` computes (see the module docstring).
 
-    ``options``: a :class:`~transforms.model.ModelOptions`. ``chunks``: chunk files,
+    ``options``: a :class:`~transforms.models.ModelOptions`. ``chunks``: chunk files,
     folders or globs to take up to ``sequences`` sequences from (a random sample,
     chunks in ``chunk_index`` order, the first ``max_steps`` steps of each) instead of
     random features. Returns a JSON-able summary whose ``ok`` is the verdict and
     ``worst`` names the largest difference. Raises :class:`InputError` or
-    :class:`~transforms.model.ModelError` (exit 2) for bad arguments, a TF1 checkpoint,
+    :class:`~transforms.models.ModelError` (exit 2) for bad arguments, a TF1 checkpoint,
     or chunk files without a valid sequence.
     """
-    from transforms.model import load_model
+    from transforms.models import load_model
 
     if sequences < 1 or max_steps < 1 or window_steps < 1:
         raise InputError("--sequences, --max-steps and --window-steps must be at least 1")
@@ -75,8 +75,8 @@ def selfcheck(model: str, options: "ModelOptions | None" = None, *, sequences: i
 
 def model_oracle(stack: "RecurrentStack", options: "ModelOptions | None" = None) -> Oracle:
     """The model's own framework on one whole sequence, from zero states (``options``:
-    the :class:`~transforms.model.ModelOptions` the stack was loaded with)."""
-    from transforms.model import ModelOptions
+    the :class:`~transforms.models.ModelOptions` the stack was loaded with)."""
+    from transforms.models import ModelOptions
     from transforms.reference import keras_whole_sequence
 
     path = stack.source.partition(":")[2]
@@ -96,10 +96,10 @@ def model_oracle(stack: "RecurrentStack", options: "ModelOptions | None" = None)
 def _restored_keras(prefix: str, architecture: str):
     """The checkpoint restored into its architecture by TensorFlow itself."""
     import tensorflow as tf
-    from transforms.model import _object_graph, _read_keras
+    from transforms.models import object_graph, read_keras
 
-    model = _read_keras(storage.local_copy(architecture))
-    children = [child.local_name for child in _object_graph(prefix).nodes[0].children
+    model = read_keras(storage.local_copy(architecture))
+    children = [child.local_name for child in object_graph(prefix).nodes[0].children
                 if child.local_name not in ("save_counter", "optimizer")]
     root = "model" if "model" in children else children[0]
     tf.train.Checkpoint(**{root: model}).read(prefix).expect_partial()

@@ -17,7 +17,7 @@ from pipeline.build import run_job
 from pipeline.importer import import_state
 from tests.conftest import IN_PROCESS, assert_close_states, config, final_state
 from transforms.commit import CommitTarget, commit_run
-from transforms.model import ModelOptions, load_model
+from transforms.models import ModelOptions, load_model
 
 
 def three_runs(workload, tmp_path, **extra) -> storage.StateStore:

@@ -720,7 +720,7 @@ def test_a_state_on_memory_fs_is_refused_by_run_with_exit_2(workload, tmp_path):
 @pytest.mark.parametrize("command", ["import-state", "gc", "rollback"])
 def test_a_state_on_memory_fs_is_refused_by_every_writing_command(workload, tmp_path,
                                                                   command):
-    from transforms.model import load_model
+    from transforms.models import load_model
 
     if command == "import-state":
         stack = load_model(workload[0])

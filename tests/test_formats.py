@@ -16,7 +16,7 @@ from tests.conftest import IN_PROCESS
 from tests.test_pipeline import write_chunks
 from transforms.export import export_step_savedmodel
 from transforms.kernel import StepKernel
-from transforms.model import ModelError, ModelOptions, load_model
+from transforms.models import ModelError, ModelOptions, load_model
 from transforms.reference import keras_whole_sequence
 
 INPUT_DIM, VOCABULARY, MASK_VALUE = 3, 13, 0.5

@@ -4,7 +4,7 @@ import pytest
 
 from tests.oracle import numpy_lstm
 from transforms.kernel import XLA_ENV, StepKernel, batch_bucket, window_width
-from transforms.model import DenseLayer, LSTMLayer, RecurrentStack
+from transforms.models import DenseLayer, LSTMLayer, RecurrentStack
 
 INPUT_DIM = 5
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.demo import make_model
 from transforms.kernel import StepKernel
-from transforms.model import ModelError, load_model
+from transforms.models import ModelError, load_model
 from transforms.reference import keras_whole_sequence
 
 

@@ -15,7 +15,7 @@ from pipeline.build import run_job
 from pipeline.demo import make_model, write_chunk_files
 from pipeline.options import InputError, RunConfig
 from schemas import Chunk
-from transforms.model import ModelError
+from transforms.models import ModelError
 from tests.chunked import assert_equals_whole_sequence
 from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence

@@ -15,7 +15,7 @@ from pipeline.selfcheck import (compare, model_oracle, random_sequences, result_
                                 selfcheck, verdict)
 from schemas import InputError
 from transforms.export import export_step_savedmodel
-from transforms.model import ModelOptions, load_model
+from transforms.models import ModelOptions, load_model
 
 SEQCARRY = os.path.join(os.path.dirname(sys.executable), "seqcarry")
 SMALL = dict(sequences=6, max_steps=40)

@@ -19,7 +19,7 @@ from tests.chunked import assert_equals_whole_sequence, run_chunked
 from tests.conftest import IN_PROCESS, TWO_WORKERS
 from tests.test_pipeline import write_chunks
 from transforms.kernel import StepKernel
-from transforms.model import ModelError, ModelOptions, load_model
+from transforms.models import ModelError, ModelOptions, load_model
 
 
 def oracle(directory):

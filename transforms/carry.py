@@ -38,7 +38,7 @@ from transforms.dofns import (LEDGER, PENDING_FILE, SMALL_OUTPUT_SHARDS, STATE_F
                               ApplyChunks, GatherLedger, ReadSnapshotFile, RouteIds, ValidateChunks,
                               WriteDeadLetters, WriteFinalStates, WriteManifest,
                               WriteOutputPart, WriteSnapshotShard, split)
-from transforms.model import ModelError, ModelOptions, RecurrentStack, load_model
+from transforms.models import ModelError, ModelOptions, RecurrentStack, load_model
 from transforms.sequencing import Planner, RunSizing, size_run, stable_bucket
 
 _LOG = logging.getLogger("seqcarry")

@@ -37,7 +37,7 @@ from schemas.validation import (UNREADABLE_FILE, WRONG_SCHEMA, ChunkRows, Reject
 from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, RunSizing,
                                    split_into_batches, stable_bucket)
 from transforms import staging
-from transforms.model import ModelOptions
+from transforms.models import ModelOptions
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"

@@ -1,15 +1,15 @@
 """Export a Keras model as a SavedModel with the ``step`` signature seqcarry runs.
 
-The signature (see :class:`transforms.model.SavedModelLoader`) computes one time step
-with Keras' own layers: ``step(x=[B, input_dim], layer0_h=[B, h0], ...) ->
+The signature (see :class:`transforms.models.saved_model.SavedModelLoader`) computes
+one time step with Keras' own layers: ``step(x=[B, input_dim], layer0_h=[B, h0], ...) ->
 {"outputs": [B, output_dim], "layer0_h": ..., ...}``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from transforms.model import (STEP_SIGNATURE, EmbeddingLayer, ModelError, masks_inputs,
-                              stack_from_keras)
+from transforms.models import (STEP_SIGNATURE, EmbeddingLayer, ModelError, masks_inputs,
+                               stack_from_keras)
 from transforms.reference import keras_with_state
 
 

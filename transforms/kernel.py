@@ -1,6 +1,6 @@
 """The batched, masked recurrent step: all of seqcarry's TensorFlow math.
 
-:class:`StepKernel` runs a :class:`~transforms.model.RecurrentStack` over a batch of
+:class:`StepKernel` runs a :class:`~transforms.models.RecurrentStack` over a batch of
 right-padded sequences [batch, steps, input_dim] from given initial states. Each row
 has its own length; on a row's padded steps its state is carried unchanged, so the
 final state of every row is its state after its own last real step.
@@ -58,8 +58,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from transforms.model import (ACTIVATIONS, EmbeddingLayer, GRULayer, LSTMLayer,
-                              MaskingLayer, RecurrentStack, StepFunctionLayer, masks_inputs)
+from transforms.models import (ACTIVATIONS, EmbeddingLayer, GRULayer, LSTMLayer,
+                               MaskingLayer, RecurrentStack, StepFunctionLayer, masks_inputs)
 
 _LOG = logging.getLogger("seqcarry")
 

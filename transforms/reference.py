@@ -9,8 +9,9 @@ import numpy as np
 
 
 def keras_with_state(model: Any) -> Any:
-    """A twin of a Keras model of seqcarry's kind (see ``transforms.model``) that
-    starts from given states and returns its final ones.
+    """A twin of a Keras model of seqcarry's kind (see
+    :func:`transforms.models.keras_file.stack_from_keras`) that starts from given states
+    and returns its final ones.
 
     Inputs ``[sequence, *initial states]``, outputs ``[per-step outputs, *final
     states]``, the states in seqcarry's order: h, c of each LSTM layer, h of each GRU

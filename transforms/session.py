@@ -16,7 +16,7 @@ from typing import Sequence
 from apache_beam.metrics import Metrics
 
 from transforms.kernel import StepKernel
-from transforms.model import ModelOptions, RecurrentStack, load_model
+from transforms.models import ModelOptions, RecurrentStack, load_model
 from transforms.sequencing import BatchResult, SequenceWork, run_batch
 
 METRICS_NAMESPACE = "seqcarry"

@@ -1,23 +1,11 @@
-"""Models as a plain description of a recurrent stack, loaders that produce it, and
-the model fingerprint.
+"""What a model is to seqcarry, whatever file it came from: a :class:`RecurrentStack`
+(an optional input layer, ``Embedding`` or ``Masking``, recurrent layers, then an
+optional per-step head of dense layers), its fingerprint, and the :class:`ModelLoader`
+interface every format implements (one module each in :mod:`transforms.models`).
 
-Every model format is loaded into the same :class:`RecurrentStack`: an optional input
-layer (``Embedding`` or ``Masking``), recurrent layers, then an optional per-step head
-of dense layers. Each loader normalizes weights into one canonical layout per layer
-kind (Keras' layout and gate order), so the compute kernel (:mod:`transforms.kernel`)
-only ever sees this description and a new format is one more :class:`ModelLoader`:
-
-========================  ===================================================
-format                    what ``--model`` points at
-========================  ===================================================
-``keras``                 a Keras 3 ``.keras`` file
-``tf-checkpoint``         a ``tf.train.Checkpoint`` of a Keras model (prefix), with
-                          the architecture given by ``ModelOptions.architecture``
-``savedmodel``            a SavedModel directory with a ``step`` signature (a black
-                          box run one step at a time; see :class:`StepFunctionLayer`)
-``tf1-checkpoint``        a ``tf.train.Saver`` checkpoint (prefix) of TF1 RNN cells
-                          (see :mod:`transforms.tf1`)
-========================  ===================================================
+Each loader normalizes weights into one canonical layout per layer kind (Keras' layout
+and gate order), so the compute kernel (:mod:`transforms.kernel`) only ever sees this
+description and a new format is one more :class:`ModelLoader`.
 
 The **fingerprint** is the sha256 of :meth:`RecurrentStack.describe` (as sorted JSON)
 followed by every weight as little-endian float32 in that canonical layout. It depends
@@ -28,7 +16,7 @@ SavedModel is a black box whose weights seqcarry cannot put in that layout: its
 fingerprint covers its step signature and a digest of its variables instead, so its
 state continues only under a SavedModel with the same signature and variables.
 
-No Beam here.
+No Beam and no TensorFlow here.
 """
 from __future__ import annotations
 
@@ -37,13 +25,9 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
-import storage
 
 # Activation names the kernel implements, with Keras 3's meaning of each.
 ACTIVATIONS = ("linear", "tanh", "sigmoid", "hard_sigmoid", "relu", "softmax", "elu",
@@ -63,7 +47,8 @@ class ModelOptions:
     ``architecture``: a ``.keras`` file or a Keras JSON config (``model.to_json()``)
     giving the architecture of a ``tf.train.Checkpoint``.
     ``tf1_scopes``: ``(old, new)`` prefixes of TF1 variable names, applied before
-    detection, for scopes renamed from the defaults (see :mod:`transforms.tf1`).
+    detection, for scopes renamed from the defaults (see
+    :mod:`transforms.models.tf1_checkpoint`).
     ``tf1_forget_bias``: the ``forget_bias`` the TF1 LSTM cells were built with (not
     stored in the checkpoint; TF1's default is 1.0).
     """
@@ -446,10 +431,16 @@ class RecurrentStack:
         return "sha256:" + digest.hexdigest()
 
 
-# --- loaders -------------------------------------------------------------------------
+def masks_inputs(input_layer: EmbeddingLayer | MaskingLayer | None) -> bool:
+    """Whether the input layer masks steps in the middle of a sequence (``Masking``,
+    ``Embedding(mask_zero=True)``)."""
+    return isinstance(input_layer, MaskingLayer) or bool(
+        isinstance(input_layer, EmbeddingLayer) and input_layer.mask_zero)
+
 
 class ModelLoader(abc.ABC):
-    """Reads one model format into a :class:`RecurrentStack`."""
+    """Reads one model format into a :class:`RecurrentStack`: the whole interface of a
+    format, so the registry (:func:`transforms.models.load_model`) can try each in turn."""
 
     format_name: str = ""
 
@@ -462,300 +453,3 @@ class ModelLoader(abc.ABC):
         """Load ``path``; raise :class:`ModelError` with a clear message when it cannot."""
 
 
-# Layers whose output at a step depends on later steps: a chunk's later steps have not
-# arrived when it is computed.
-_NON_CAUSAL = ("Bidirectional", "Attention", "AdditiveAttention", "MultiHeadAttention",
-               "GroupedQueryAttention", "GlobalAveragePooling1D", "GlobalMaxPooling1D")
-_IDENTITY_AT_INFERENCE = ("InputLayer", "Dropout", "GaussianNoise", "GaussianDropout")
-_KERAS_SUPPORTED = ("stacked LSTM/GRU(return_sequences=True) layers, optionally after one "
-                    "Masking or Embedding layer and followed by Dense layers")
-
-
-def stack_from_keras(model: Any, source: str) -> RecurrentStack:
-    """A Keras 3 model (a chain of layers) as a :class:`RecurrentStack`, or a
-    :class:`ModelError` naming the first layer that cannot run on chunks."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ModelError(f"{source}: the model must have one input and one output")
-    input_layer, recurrent, head = None, [], []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "TimeDistributed" and type(layer.layer).__name__ == "Dense":
-            layer, kind = layer.layer, "Dense"
-        config = layer.get_config()
-        if kind in _IDENTITY_AT_INFERENCE:
-            continue
-        if kind in ("Masking", "Embedding"):
-            if input_layer or recurrent or head:
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} must be the "
-                                 "model's first layer")
-            input_layer = (MaskingLayer(float(config["mask_value"]), model.input_shape[-1])
-                           if kind == "Masking" else
-                           EmbeddingLayer(np.asarray(layer.embeddings), config["mask_zero"]))
-        elif kind in ("LSTM", "GRU"):
-            if head:
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} after a Dense "
-                                 "layer; dense layers are only supported as a per-step head")
-            if not config["return_sequences"] or config["go_backwards"]:
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} must have "
-                                 "return_sequences=True and go_backwards=False")
-            if config.get("zero_output_for_mask") and masks_inputs(input_layer):
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} has "
-                                 "zero_output_for_mask=True; with a mask only the Keras "
-                                 "default (repeat the previous output) is supported")
-            recurrent.append(_keras_recurrent(kind, layer, config))
-        elif kind == "Dense":
-            kernel, *bias = layer.get_weights()
-            head.append(DenseLayer(
-                kernel, bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
-                config["activation"]))
-        elif kind in _NON_CAUSAL:
-            raise ModelError(
-                f"{source}: layer {layer.name!r} of type {kind} is not supported: it is not "
-                "causal (its output at a step depends on later steps, which a chunked "
-                f"run has not seen yet); a model must be {_KERAS_SUPPORTED}")
-        else:
-            raise ModelError(f"{source}: layer {layer.name!r} of type {kind} is not "
-                             f"supported; a model must be {_KERAS_SUPPORTED}")
-    return RecurrentStack(tuple(recurrent), tuple(head), source=source,
-                          input_layer=input_layer)
-
-
-def masks_inputs(input_layer: EmbeddingLayer | MaskingLayer | None) -> bool:
-    """Whether the input layer masks steps in the middle of a sequence (``Masking``,
-    ``Embedding(mask_zero=True)``)."""
-    return isinstance(input_layer, MaskingLayer) or bool(
-        isinstance(input_layer, EmbeddingLayer) and input_layer.mask_zero)
-
-
-def _keras_recurrent(kind: str, layer: Any, config: dict) -> _RecurrentLayer:
-    kernel, recurrent_kernel, *bias = layer.get_weights()
-    activations = (config["activation"], config["recurrent_activation"])
-    if kind == "LSTM":
-        return LSTMLayer(kernel, recurrent_kernel,
-                         bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
-                         *activations)
-    reset_after = bool(config["reset_after"])
-    bias_shape = (2, kernel.shape[1]) if reset_after else (kernel.shape[1],)
-    return GRULayer(kernel, recurrent_kernel,
-                    bias[0] if bias else np.zeros(bias_shape, np.float32),
-                    *activations, reset_after=reset_after)
-
-
-class KerasLoader(ModelLoader):
-    """Keras 3 ``.keras`` files (see :func:`stack_from_keras` for what they may hold)."""
-
-    format_name = "keras"
-
-    def can_load(self, path: str) -> bool:
-        return path.endswith(".keras") and os.path.isfile(path)
-
-    def load(self, path: str, options: ModelOptions) -> RecurrentStack:
-        return stack_from_keras(_read_keras(path), f"keras:{path}")
-
-
-def _read_keras(path: str) -> Any:
-    """A ``.keras`` file, or a JSON config (``model.to_json()``) as an unweighted model."""
-    import keras  # deferred: importing Keras costs seconds
-
-    try:
-        if path.endswith(".json"):
-            with open(path) as handle:
-                return keras.models.model_from_json(handle.read())
-        return keras.models.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelError(f"{path}: cannot be read as a Keras model: {error}") from error
-
-
-def checkpoint_prefix(path: str) -> str | None:
-    """The TF checkpoint at ``path`` (a prefix with ``.index`` beside it, or a
-    directory with a ``checkpoint`` file naming the latest), or None."""
-    if os.path.isfile(path + ".index"):
-        return path
-    if os.path.isfile(os.path.join(path, "checkpoint")):
-        import tensorflow as tf
-
-        latest = tf.train.get_checkpoint_state(path).model_checkpoint_path
-        # TF1's Saver records an absolute path by default, wrong once the directory
-        # is copied (from gs://, or to another machine): look beside the file.
-        prefix = os.path.join(path, os.path.basename(latest))
-        return prefix if os.path.isfile(prefix + ".index") else None
-    return None
-
-
-def _object_graph(prefix: str) -> Any | None:
-    """The object graph of a ``tf.train.Checkpoint`` (None for a TF1 ``Saver`` one)."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    reader = tf.train.load_checkpoint(prefix)
-    if not reader.has_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"):
-        return None
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    return graph
-
-
-class KerasCheckpointLoader(ModelLoader):
-    """A ``tf.train.Checkpoint(model=keras_model)`` written by ``write``/``save``: the
-    weights come from it, the architecture from ``ModelOptions.architecture``."""
-
-    format_name = "tf-checkpoint"
-
-    def can_load(self, path: str) -> bool:
-        prefix = checkpoint_prefix(path)
-        return prefix is not None and _object_graph(prefix) is not None
-
-    def load(self, path: str, options: ModelOptions) -> RecurrentStack:
-        import tensorflow as tf
-
-        prefix = checkpoint_prefix(path)
-        if not options.architecture:
-            raise ModelError(f"{prefix} is a tf.train.Checkpoint, which holds weights but "
-                             "not the architecture: pass --model-architecture (a .keras "
-                             "file or a JSON file of model.to_json())")
-        model = _read_keras(storage.local_copy(options.architecture))
-        children = [child.local_name for child in _object_graph(prefix).nodes[0].children
-                    if child.local_name not in ("save_counter", "optimizer")]
-        root = "model" if "model" in children else children[0] if len(children) == 1 else None
-        if root is None:
-            raise ModelError(f"{prefix}: cannot tell which of {children} is the model; "
-                             "save it as tf.train.Checkpoint(model=...)")
-        try:
-            status = tf.train.Checkpoint(**{root: model}).read(prefix)
-            status.assert_existing_objects_matched()
-        except AssertionError as error:
-            missing = re.findall(r"path=(\S+),", str(error))
-            raise ModelError(
-                f"{prefix}: missing variable(s) of the architecture "
-                f"{options.architecture}: {', '.join(missing) or error}") from None
-        except ValueError as error:  # a shape differs
-            raise ModelError(f"{prefix} does not fit the architecture "
-                             f"{options.architecture}: {error}") from None
-        status.expect_partial()  # optimizer slots and counters are not needed
-        return stack_from_keras(model, f"{self.format_name}:{prefix}")
-
-
-class TF1CheckpointLoader(ModelLoader):
-    """A TF1 ``tf.train.Saver`` checkpoint of RNN cells (see :mod:`transforms.tf1`)."""
-
-    format_name = "tf1-checkpoint"
-
-    def can_load(self, path: str) -> bool:
-        prefix = checkpoint_prefix(path)
-        return prefix is not None and _object_graph(prefix) is None
-
-    def load(self, path: str, options: ModelOptions) -> RecurrentStack:
-        import tensorflow as tf
-        from transforms.tf1 import stack_from_tf1
-
-        prefix = checkpoint_prefix(path)
-        reader = tf.train.load_checkpoint(prefix)
-        return stack_from_tf1(reader.get_variable_to_shape_map(), reader.get_tensor,
-                              options, f"{self.format_name}:{prefix}")
-
-
-class SavedModelLoader(ModelLoader):
-    """A SavedModel directory exposing a ``step`` signature (README, "SavedModel"):
-
-    inputs ``x`` float32 [batch, input_dim] and one float32 [batch, size] tensor per
-    state part, named ``layer<K>_<part>`` (e.g. ``layer0_h``, ``layer0_c``); outputs
-    ``outputs`` float32 [batch, output_dim] and the new value of every state part,
-    under the same names. One call is one time step; the states it receives start as
-    zeros. :func:`transforms.export.export_step_savedmodel` writes one from Keras.
-    """
-
-    format_name = "savedmodel"
-
-    def can_load(self, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, "saved_model.pb"))
-
-    def load(self, path: str, options: ModelOptions) -> RecurrentStack:
-        import tensorflow as tf
-
-        try:
-            loaded = tf.saved_model.load(path)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"{path}: cannot be read as a SavedModel: {error}") from error
-        step = loaded.signatures.get(STEP_SIGNATURE)
-        if step is None:
-            raise ModelError(
-                f"{path}: the SavedModel has no {STEP_SIGNATURE!r} signature (it has: "
-                f"{', '.join(sorted(loaded.signatures)) or 'none'}); seqcarry runs a "
-                "SavedModel one time step at a time: export one with "
-                "transforms.export.export_step_savedmodel (README, \"SavedModel\")")
-        inputs = dict(step.structured_input_signature[1])
-        outputs = dict(step.structured_outputs)
-        x, out = inputs.pop("x", None), outputs.pop("outputs", None)
-        names = tuple(sorted(inputs))
-        problems = [problem for name, spec in [("x", x), ("outputs", out), *inputs.items(),
-                                               *outputs.items()]
-                    if (problem := _spec_problem(name, spec))]
-        if set(inputs) != set(outputs):
-            problems.append(f"its state inputs {sorted(inputs)} and state outputs "
-                            f"{sorted(outputs)} must have the same names")
-        elif not problems:
-            problems = [f"state {name!r} has width {inputs[name].shape[1]} as an input but "
-                        f"{outputs[name].shape[1]} as an output"
-                        for name in names if inputs[name].shape[1] != outputs[name].shape[1]]
-        problems += [f"state {name!r} must be named layer<K>_<part>, e.g. layer0_h"
-                     for name in names if not re.fullmatch(r"layer\d+_[a-z0-9_]+", name)]
-        if problems:
-            raise ModelError(f"{path}: signature {STEP_SIGNATURE!r}: " + "; ".join(problems))
-        layer = StepFunctionLayer(step, int(x.shape[1]), int(out.shape[1]), names,
-                                  tuple(int(inputs[n].shape[1]) for n in names),
-                                  _variables_sha256(path), owner=loaded)
-        return RecurrentStack((layer,), source=f"{self.format_name}:{path}")
-
-
-def _spec_problem(name: str, spec: Any) -> str | None:
-    """Why a tensor of the step signature is not float32 [batch, width], or None."""
-    import tensorflow as tf
-
-    if spec is None:
-        return f"{name!r} is missing"
-    if spec.dtype != tf.float32 or spec.shape.rank != 2 or spec.shape[1] is None:
-        return f"{name!r} must be float32 [batch, width], not {spec}"
-    return None
-
-
-def _variables_sha256(path: str) -> str:
-    """Digest of the SavedModel's variables (names, dtypes, shapes, values), read from
-    its variables checkpoint in sorted order of name."""
-    import tensorflow as tf
-
-    digest = hashlib.sha256()
-    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-    for name in sorted(reader.get_variable_to_shape_map()):
-        value = np.asarray(reader.get_tensor(name))
-        if value.dtype.kind in "fiub":  # numbers; not the object graph, strings
-            digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode()
-                          + np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
-
-
-LOADERS: Sequence[ModelLoader] = (KerasLoader(), SavedModelLoader(), KerasCheckpointLoader(),
-                                  TF1CheckpointLoader())
-
-
-def load_model(url: str, options: ModelOptions | None = None) -> RecurrentStack:
-    """Load a model of any supported format, local or at an fsspec URL (``gs://...``),
-    into a :class:`RecurrentStack`.
-
-    ``url`` is a ``.keras`` file, a SavedModel directory, a checkpoint prefix
-    (``model.ckpt`` for ``model.ckpt.index`` + ``model.ckpt.data-*``; the ``.index``
-    file itself is accepted too) or a directory holding a ``checkpoint`` file. The
-    format is detected; ``options`` covers what detection cannot see.
-    """
-    url = url.removesuffix(".index")
-    if storage.exists(url):
-        path = storage.local_copy(url)
-    elif storage.exists(url + ".index"):
-        path = storage.local_copy_checkpoint(url)
-    else:
-        raise ModelError(f"model file {url} does not exist")
-    for loader in LOADERS:
-        if loader.can_load(path):
-            return loader.load(path, options or ModelOptions())
-    raise ModelError(f"{path}: unknown model format; supported: "
-                     + ", ".join(loader.format_name for loader in LOADERS)
-                     + " (see README, \"Models\")")

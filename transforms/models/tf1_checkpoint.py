@@ -1,4 +1,5 @@
-"""TF1 checkpoints written by ``tf.train.Saver``: variable names -> seqcarry layers.
+"""The ``tf1-checkpoint`` format: TF1 checkpoints written by ``tf.train.Saver``,
+variable names -> seqcarry layers. TensorFlow is imported only when loading.
 
 What is recognized, by the variable names TF1 gives (after any ``--tf1-scope``
 renames):
@@ -39,8 +40,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from transforms.model import (DenseLayer, GRULayer, LSTMLayer, ModelError, ModelOptions,
-                              RecurrentStack)
+from transforms.models.checkpoints import checkpoint_prefix, object_graph
+from transforms.models.description import (DenseLayer, GRULayer, LSTMLayer, ModelError,
+                                           ModelLoader, ModelOptions, RecurrentStack)
 
 _CELL = re.compile(r"^(?:(?P<rnn>.+?)/)?(?:multi_rnn_cell/cell_(?P<index>\d+)/)?"
                    r"(?P<cell>basic_lstm_cell|lstm_cell|gru_cell)/(?:gates/)?kernel$")
@@ -48,6 +50,24 @@ _HEADS = (("output/kernel", "output/bias"), ("softmax_w", "softmax_b"),
           ("dense/kernel", "dense/bias"), ("logits/kernel", "logits/bias"),
           ("fully_connected/weights", "fully_connected/biases"))
 _SHOWN = 8  # variable names listed in a message or note; the rest are counted
+
+
+class TF1CheckpointLoader(ModelLoader):
+    """A TF1 ``tf.train.Saver`` checkpoint of RNN cells (see the module docstring)."""
+
+    format_name = "tf1-checkpoint"
+
+    def can_load(self, path: str) -> bool:
+        prefix = checkpoint_prefix(path)
+        return prefix is not None and object_graph(prefix) is None
+
+    def load(self, path: str, options: ModelOptions) -> RecurrentStack:
+        import tensorflow as tf
+
+        prefix = checkpoint_prefix(path)
+        reader = tf.train.load_checkpoint(prefix)
+        return stack_from_tf1(reader.get_variable_to_shape_map(), reader.get_tensor,
+                              options, f"{self.format_name}:{prefix}")
 
 
 def stack_from_tf1(shapes: Mapping[str, Sequence[int]], read: Callable[[str], np.ndarray],
