@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -47,6 +48,18 @@ def copy_state(source, tmp_path):
 def cli(*args, env=None, timeout=300):
     return subprocess.run([SEQCARRY, *args], capture_output=True, text=True, timeout=timeout,
                           env=os.environ | (env or {}), cwd=ROOT)
+
+
+def cli_here(*args):
+    """``seqcarry`` run by its ``main`` in this process, stdout and stderr captured: for
+    commands that need no process of their own (no fault to inject, nothing to kill),
+    without paying a fresh interpreter's imports each time."""
+    from pipeline import cli as command_line
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = command_line.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def run_args(cfg, *extra):
@@ -459,7 +472,7 @@ def test_a_missing_or_damaged_current_stops_every_command_until_rolled_back(
                  ["verify", "--state", state], ["gc", "--state", state, "--keep", "1"],
                  ["report", "--state", state],
                  ["inspect", "--state", state, "--sequence", RESUMED]):
-        done = cli(*args)
+        done = cli_here(*args)
         line = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         if (done.returncode != 3 or "Traceback" in done.stderr or current not in line
                 or f"seqcarry rollback --state {state} --to run-2" not in line):
@@ -468,15 +481,15 @@ def test_a_missing_or_damaged_current_stops_every_command_until_rolled_back(
     # Nothing was written by the refused commands.
     assert (open(current, "rb").read() if os.path.exists(current) else None) == damaged
     assert not os.path.exists(os.path.join(state, "snapshots", "run-3"))
-    repaired = cli("rollback", "--state", state, "--to", "run-2")
+    repaired = cli_here("rollback", "--state", state, "--to", "run-2")
     assert repaired.returncode == 0, repaired.stderr[-2000:]
-    assert cli("verify", "--state", state).returncode == 0
+    assert cli_here("verify", "--state", state).returncode == 0
     store = storage.StateStore(state)
     assert store.current().run_id == "run-2"
     # The commit log holds real commits only (what the damaged CURRENT named is not
     # one), and retention works on the repaired state.
     assert {r.run_id for r in store.commits()} == {"run-1", "run-2"}
-    retention = cli("gc", "--state", state, "--keep", "5")
+    retention = cli_here("gc", "--state", state, "--keep", "5")
     assert retention.returncode == 0, retention.stderr[-2000:]
     assert_continues_exactly(workload, tmp_path, never_failed)
 
@@ -486,7 +499,7 @@ def test_repairing_a_current_that_names_a_missing_snapshot_logs_no_false_commit(
     state = copy_state(after_two_runs, tmp_path)
     with open(os.path.join(state, "CURRENT"), "wb") as handle:
         handle.write(CURRENT_DAMAGE["missing-snapshot"])
-    repaired = cli("rollback", "--state", state, "--to", "run-2")
+    repaired = cli_here("rollback", "--state", state, "--to", "run-2")
     assert repaired.returncode == 0, repaired.stderr[-2000:]
     store = storage.StateStore(state)
     assert store.current().run_id == "run-2"
@@ -494,7 +507,7 @@ def test_repairing_a_current_that_names_a_missing_snapshot_logs_no_false_commit(
     # and retention keeps working.
     assert {r.run_id for r in store.commits()} == {"run-1", "run-2"}
     assert not store.was_committed("run-9")
-    retention = cli("gc", "--state", state, "--keep", "5")
+    retention = cli_here("gc", "--state", state, "--keep", "5")
     assert retention.returncode == 0, retention.stderr[-2000:]
     assert_continues_exactly(workload, tmp_path, never_failed)
 
@@ -517,7 +530,7 @@ def test_a_damaged_manifest_is_exit_3_naming_it(workload, tmp_path, never_failed
                  if which == "current" else [["verify", "--state", state, "--run-id", "run-1"]])
     wrong = {}
     for args in commands:
-        done = cli(*args)
+        done = cli_here(*args)
         line = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         if done.returncode != 3 or "Traceback" in done.stderr or manifest not in line:
             wrong[" ".join(args[:1] + args[-2:])] = (done.returncode, line)
@@ -526,10 +539,10 @@ def test_a_damaged_manifest_is_exit_3_naming_it(workload, tmp_path, never_failed
     if which == "ancestor":
         # The committed snapshot itself is whole: verify passes, and putting back the
         # ancestor's manifest is all it takes.
-        assert cli("verify", "--state", state).returncode == 0
+        assert cli_here("verify", "--state", state).returncode == 0
         shutil.copy(after_two_runs / os.path.relpath(manifest, tmp_path), manifest)
     else:
-        repaired = cli("rollback", "--state", state, "--to", "run-1")
+        repaired = cli_here("rollback", "--state", state, "--to", "run-1")
         assert repaired.returncode == 0, repaired.stderr[-2000:]
         run_job(config(workload, tmp_path, 1, run_id="run-2-again"), IN_PROCESS)
     assert_continues_exactly(workload, tmp_path, never_failed)
