@@ -114,7 +114,8 @@ def test_shards_run_a_batch_in_slices_with_the_same_results():
     one, one_state = StepKernel(stack, shards=1).run(inputs, lengths, zeros)
     sharded = StepKernel(stack, shards=2)
     two, two_state = sharded.run(inputs, lengths, zeros)
-    assert {shards for shards, _, _ in sharded.compiled_shapes} == {2}
+    # Besides the smallest shape, compiled when the kernel decides on XLA.
+    assert sharded.compiled_shapes == {(1, 8, 16), (2, 80, 16)}
     for row, length in enumerate(lengths):
         np.testing.assert_allclose(two[row, :length], one[row, :length], atol=1e-6)
     for a, b in zip(two_state, one_state):
@@ -126,3 +127,29 @@ def test_xla_can_be_turned_off_by_the_environment(monkeypatch):
     assert StepKernel(random_stack(np.random.default_rng(6))).xla is False
     monkeypatch.delenv(XLA_ENV)
     assert StepKernel(random_stack(np.random.default_rng(6))).xla is True
+
+
+def test_a_model_xla_cannot_compile_runs_plain_decided_once_when_the_kernel_is_built(caplog):
+    """A step XLA has no kernels for (a round trip through text): the kernel finds out
+    when it is built, says so once, and runs the plain path from the first batch on."""
+    import tensorflow as tf
+
+    from transforms.models import StepFunctionLayer
+
+    @tf.function
+    def through_text(x, h):
+        total = tf.strings.to_number(tf.strings.as_string(x + h))
+        return {"outputs": total, "h": total}
+
+    layer = StepFunctionLayer(through_text, input_dim=2, output_dim=2, names=("h",),
+                              state_sizes=(2,), variables_sha256="none")
+    stack = RecurrentStack((layer,), (), source="test")
+    with caplog.at_level("WARNING", logger="seqcarry"):
+        kernel = StepKernel(stack, window_steps=8, xla=True)
+    assert kernel.xla is False
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["event=xla_unavailable"]
+    steps = np.arange(1, 21, dtype=np.float32).reshape(1, 10, 2)
+    outputs, (h,) = kernel.run(steps, np.array([10]), [np.zeros((1, 2), np.float32)])
+    np.testing.assert_array_equal(outputs[0], np.cumsum(steps[0], axis=0))
+    np.testing.assert_array_equal(h[0], steps[0].sum(axis=0))
+    assert StepKernel(random_stack(np.random.default_rng(7)), xla=True).xla is True

@@ -180,3 +180,35 @@ def test_direct_runner_runs_locally_without_fetching_prism(args, runner):
     from pipeline.build import pipeline_options
     config = RunConfig("m.keras", "in/", "state/", "out/")
     assert pipeline_options(config, args).view_as(StandardOptions).runner == runner
+
+
+def test_a_model_file_changed_after_planning_fails_the_run_and_commits_nothing(
+        workload, tmp_path, monkeypatch):
+    """Workers load --model by path: each checks it is the model the run was planned
+    with. Then the report says which compiled path computed the batches."""
+    import dataclasses
+    import shutil
+
+    from pipeline.build import execute, plan_run
+    from pipeline.cli import classify_error
+    from tests.conftest import config
+
+    model = str(tmp_path / "model.keras")
+    shutil.copy(workload[0], model)
+    cfg = dataclasses.replace(config(workload, tmp_path, 0), model=model)
+    plan = plan_run(cfg)
+    make_model(model, input_dim=3, units=(8, 6), output_dim=2, seed=8)  # other weights
+    with pytest.raises(Exception) as failed:
+        execute(plan, IN_PROCESS)
+    code, error = classify_error(failed.value)
+    assert code == 2 and isinstance(error, ModelError), failed.value
+    assert "changed after planning" in str(error) and plan.carry.stack.fingerprint in str(error)
+    assert storage.StateStore(cfg.state).current() is None
+
+    shutil.copy(workload[0], model)
+    report = run_job(cfg, IN_PROCESS)
+    assert set(report["batches_by_path"]) == {"xla"} and report["batches_by_path"]["xla"] > 0
+    monkeypatch.setenv("SEQCARRY_XLA", "0")
+    report = run_job(dataclasses.replace(config(workload, tmp_path, 1), model=model),
+                     IN_PROCESS)
+    assert set(report["batches_by_path"]) == {"plain"}

@@ -193,7 +193,8 @@ class CarryState(beam.PTransform):
         applied = (
             {"chunks": chunks, "states": snapshot["states"], "pending": snapshot["pending"]}
             | "ApplyChunks" >> ApplyChunks(plan.model, plan.planner, plan.batch_size,
-                                           plan.window_steps, plan.model_options))
+                                           plan.window_steps, plan.model_options,
+                                           stack.fingerprint))
         dead_letters = ((read["dead_letters"], applied["dead_letters"])
                         | "AllDeadLetters" >> beam.Flatten())
         results = {

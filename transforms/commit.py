@@ -109,6 +109,9 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
         "sequences_live": counts.get("sequences_live", 0),
         "sequences_ended": by_prefix("sequences_ended_"),
         "steps_processed": steps,
+        # Batches by compiled path (decided once per worker process, when it loads
+        # the model): "xla" or "plain" (SEQCARRY_XLA=0, or a model XLA refuses).
+        "batches_by_path": by_prefix("batches_"),
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,
         # Time in each stage, summed over workers; the rest of the wall time is

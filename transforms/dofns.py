@@ -258,9 +258,11 @@ class PlanAndRunBucket(beam.DoFn):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, model_options: ModelOptions = ModelOptions()):
+                 window_steps: int, model_options: ModelOptions = ModelOptions(),
+                 model_fingerprint: str | None = None):
         self._model_path = model_path
         self._model_options = model_options
+        self._model_fingerprint = model_fingerprint
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
@@ -270,8 +272,10 @@ class PlanAndRunBucket(beam.DoFn):
 
     def setup(self):
         self._model = self._shared.acquire(
-            lambda: LoadedModel(self._model_path, self._window_steps, self._model_options),
-            tag=f"{self._model_path}:{self._model_options}:{self._window_steps}")
+            lambda: LoadedModel(self._model_path, self._window_steps, self._model_options,
+                                self._model_fingerprint),
+            tag=f"{self._model_path}:{self._model_options}:{self._window_steps}:"
+                f"{self._model_fingerprint}")
 
     def start_bundle(self):
         self._session = self._model.open_session()
@@ -315,7 +319,8 @@ class PlanAndRunBucket(beam.DoFn):
                 yield "ended", (state, END_IS_LAST)
             counts[f"sequences_ended_{END_IS_LAST}"] += len(result.ended)
             counts.update({"sequences_touched": len(batch), "steps_processed": result.steps,
-                           "batches": 1})
+                           "batches": 1,
+                           "batches_xla" if self._model.kernel.xla else "batches_plain": 1})
         yield LEDGER, _counts(dict(+counts))
 
     def finish_bundle(self):
@@ -518,10 +523,11 @@ class ApplyChunks(beam.PTransform):
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
-                 window_steps: int, model_options: ModelOptions = ModelOptions()):
+                 window_steps: int, model_options: ModelOptions = ModelOptions(),
+                 model_fingerprint: str | None = None):
         super().__init__()
         self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
-                                     model_options)
+                                     model_options, model_fingerprint)
 
     def expand(self, inputs):
         return split(

@@ -15,8 +15,12 @@ How it is fast (measured on 2 CPU cores, LSTM(128) + Dense(8), input width 32; s
   16x larger than the inputs and the loop then streams it from memory; it measured
   ~1.4x plain Keras against ~1.9x for the per-step form under XLA.
 * **XLA** (``jit_compile``) compiles the loop of one shard. Where XLA is disabled
-  (``xla=False`` or ``SEQCARRY_XLA=0``) or fails to compile, the same functions run
-  as a plain ``tf.function`` (identical math, ~1.5x slower).
+  (``xla=False`` or ``SEQCARRY_XLA=0``) or cannot compile the model, the same
+  functions run as a plain ``tf.function`` (same math, ~1.5x slower, results within
+  float32 rounding of XLA's). Which one is decided once, when the kernel is built, by
+  compiling its smallest shape: a process never switches, and an error at run time is
+  an error. TensorFloat-32 is turned off, so matrix products stay float32 on GPUs
+  that have it.
 * **Static, bucketed shapes**: time is cut into windows of ``window_steps`` (the last
   one padded up to a power of two), the batch is padded up to a bucket (at most four
   per octave: 64, 80, 96, 112, 128, 160, ...), so a kernel compiles a small, bounded
@@ -276,10 +280,12 @@ class StepKernel:
     """A compiled, batched, masked step function for one model.
 
     One kernel serves every thread of a process (``run`` is thread-safe). ``xla``:
-    compile with XLA (default: on unless ``SEQCARRY_XLA=0``); if XLA fails on the
-    first call, the kernel falls back to plain tf.functions for good (``xla`` turns
-    False and a warning is logged). ``shards``: slices of the batch run concurrently
-    (default: one per CPU core, at least 64 rows each; 1 on a GPU).
+    compile with XLA (default: on unless ``SEQCARRY_XLA=0``). The choice is final once
+    the kernel is built: with XLA asked for, it compiles its smallest shape at once,
+    and if XLA cannot compile the model it uses plain tf.functions (``xla`` is then
+    False and an ``event=xla_unavailable`` warning says why). ``shards``: slices of
+    the batch run concurrently (default: one per CPU core, at least 64 rows each; 1 on
+    a GPU).
 
     ``traces`` counts how often TensorFlow traced the window function: once per
     compiled shape (``compiled_shapes``: (shards, rows per shard, window width)), so
@@ -292,6 +298,9 @@ class StepKernel:
             raise ValueError("window_steps must be at least 1")
         if shards is not None and shards < 1:
             raise ValueError("shards must be at least 1")
+        # Where the hardware has TensorFloat-32 (Ampere and newer GPUs), TensorFlow
+        # would use its 10-bit mantissa for float32 matrix products by default.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
         self.stack = stack
         self.window_steps = window_steps
         self.xla = xla_enabled_by_default() if xla is None else bool(xla)
@@ -307,6 +316,22 @@ class StepKernel:
         self._fused = (all(layer.kind in _CELL_MATH for layer in stack.recurrent)
                        and not masks_inputs(stack.input_layer))
         self._window = self._build(self.xla)
+        if self.xla:
+            self._decide_xla()
+
+    def _decide_xla(self) -> None:
+        """Compile the smallest shape (one shard of 8 rows, the shortest window) with
+        XLA; if XLA refuses the model, build the plain path instead, for good."""
+        rows, width = batch_bucket(1), window_width(1, self.window_steps)
+        states = tuple(tf.zeros((rows, size)) for size in self.stack.state_sizes)
+        try:
+            self._window(tf.zeros((rows, width, self.stack.input_dim)),
+                         tf.ones((rows,), tf.int32), states, 1)
+        except _XLA_ERRORS as error:
+            _LOG.warning("event=xla_unavailable fingerprint=%s reason=%s",
+                         self.stack.fingerprint, str(error).strip().splitlines()[0][:300])
+            self.xla = False
+            self._window = self._build(False)
 
     @property
     def compiled_shapes(self) -> frozenset[tuple[int, int, int]]:
@@ -373,22 +398,6 @@ class StepKernel:
         shards = max(1, min(self.max_shards, batch // MIN_SHARD_ROWS))
         return shards, batch_bucket(-(-batch // shards))
 
-    def _call(self, inputs: np.ndarray, lengths: np.ndarray, states: tuple, shards: int):
-        window, xla = self._window, self.xla
-        try:
-            return window(inputs, lengths, states, shards)
-        except _XLA_ERRORS as error:
-            if not xla:
-                raise
-            with self._lock:
-                if self.xla:
-                    _LOG.warning("event=xla_fallback reason=%s",
-                                 str(error).strip().splitlines()[0][:300])
-                    self.xla = False
-                    self._window = self._build(False)
-                window = self._window
-            return window(inputs, lengths, states, shards)
-
     def run(self, inputs: np.ndarray, lengths: np.ndarray,
             states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the stack over right-padded ``inputs`` [B, T, input_dim].
@@ -422,7 +431,7 @@ class StepKernel:
             # Padded rows run as long as the longest real row: no extra masked steps.
             window_lengths = np.concatenate(
                 [window_lengths, np.full(padded - batch, longest, np.int32)])
-            window_outputs, current = self._call(
+            window_outputs, current = self._window(
                 tf.constant(window_inputs), tf.constant(window_lengths), current, shards)
             outputs[:, start:start + longest] = window_outputs.numpy()[:batch, :longest]
         return outputs, [s.numpy()[:batch] for s in current]

@@ -16,7 +16,7 @@ from typing import Sequence
 from apache_beam.metrics import Metrics
 
 from transforms.kernel import StepKernel
-from transforms.models import ModelOptions, RecurrentStack, load_model
+from transforms.models import ModelError, ModelOptions, RecurrentStack, load_model
 from transforms.sequencing import BatchResult, SequenceWork, run_batch
 
 METRICS_NAMESPACE = "seqcarry"
@@ -48,18 +48,29 @@ class Progress:
 
 
 class LoadedModel:
-    """A model and its compiled kernel, loaded once per process."""
+    """A model and its compiled kernel, loaded once per process.
+
+    ``expected_fingerprint``: the fingerprint the run was planned with; a model with
+    another one (a different file behind the same path since planning) is a
+    :class:`~transforms.models.ModelError`, before anything is computed with it.
+    """
 
     def __init__(self, model_path: str, window_steps: int,
-                 model_options: ModelOptions | None = None):
+                 model_options: ModelOptions | None = None,
+                 expected_fingerprint: str | None = None):
         started = time.perf_counter()
         self.stack: RecurrentStack = load_model(model_path, model_options)
+        if expected_fingerprint is not None and self.stack.fingerprint != expected_fingerprint:
+            raise ModelError(
+                f"{model_path} is model {self.stack.fingerprint} on this worker, but the run "
+                f"was planned with model {expected_fingerprint}: the file changed after "
+                "planning; nothing was committed, run again once it stays put")
         self.kernel = StepKernel(self.stack, window_steps)
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
         self.progress = Progress()
-        _LOG.info("event=model_loaded fingerprint=%s seconds=%.2f", self.stack.fingerprint,
-                  self.load_seconds)
+        _LOG.info("event=model_loaded fingerprint=%s xla=%s seconds=%.2f",
+                  self.stack.fingerprint, str(self.kernel.xla).lower(), self.load_seconds)
 
     def open_session(self) -> "StepSession":
         # Metrics need a running step, which setup() is not: the first session of the
