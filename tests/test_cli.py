@@ -145,7 +145,7 @@ def test_too_much_rejected_input_fails_without_committing(tmp_path):
         "seqcarry: error: run r1 rejected 90.9% of its input, above --max-rejected-fraction "
         "0.5: 0 of 1 chunks read, and 2 files rejected whole holding 9 rows (1 file "
         "unreadable_file, 1 file wrong_schema); nothing was committed; dead letters are in "
-        f"{tmp_path / 'out' / 'r1'}")
+        f"{tmp_path / 'out' / '_dead_letters' / 'r1'}/")
     assert "Traceback" not in refused.stderr
     assert not os.path.exists(tmp_path / "state" / "CURRENT")
 
