@@ -6,8 +6,9 @@ process run on one synthetic workload, and the ratios between them.
   (c) seed      one sequence at a time (batch 1), chunk by chunk, (h, c) carried by hand
   (d) kernel    seqcarry's batched step alone, on in-memory arrays
 
-and two scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
-snapshot vs the same run against those 1,000 alone, and peak RSS for 10x more sequences;
+and three scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
+snapshot vs the same run against those 1,000 alone, peak RSS for 10x more sequences,
+and one 60,000-step sequence alone vs with 255 one-step sequences beside it;
 and the launcher's planning of a run over 10,000 input files on gs:// (fake-gcs-server
 behind 50 ms of latency per request, bench/planning.py): seconds, memory, requests.
 
@@ -156,6 +157,7 @@ def main(argv=None) -> dict:
     incremental = scaling.incremental(args.workdir, model_path, INPUT_DIM)
     memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
                             max(32, int(MEMORY_SEQUENCES * args.scale)), MEMORY_STEPS)
+    padding = scaling.padding(args.workdir, model_path, INPUT_DIM)
     planned = planning.bench_planning(max(1_000, int(planning.FILES * args.scale)))
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
@@ -179,10 +181,16 @@ def main(argv=None) -> dict:
     print(f"memory: peak RSS {memory['peak_rss_mib_1x']:,.0f} MiB for {memory['sequences']:,} "
           f"sequences x {memory['steps']} steps, {memory['peak_rss_mib_10x']:,.0f} MiB for "
           f"10x as many: {memory['ratio']:.2f}x (target < 1.3)")
+    print(f"padding: one {padding['long_steps']:,}-step sequence alone "
+          f"{padding['seconds_alone']:.2f} s, {padding['peak_rss_mib_alone']:,.0f} MiB; with "
+          f"{padding['short_sequences']} one-step sequences beside it "
+          f"{padding['seconds_with_short']:.2f} s, {padding['peak_rss_mib_with_short']:,.0f} "
+          f"MiB: {padding['time_ratio']:.2f}x time, {padding['rss_ratio']:.2f}x memory "
+          "(target <= 1.3 each)")
     print(planning.summary_line(planned))
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
               "ratios": ratios, "targets": targets, "incremental": incremental,
-              "memory": memory, "planning": planned, "pipeline_report": report}
+              "memory": memory, "padding": padding, "planning": planned, "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2, default=str)

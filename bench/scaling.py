@@ -3,7 +3,11 @@
 * incremental: a run touching 1,000 sequences of a 100,000-sequence snapshot vs the
   same run against a snapshot holding only those 1,000 (issue 7: at most 2x).
 * memory: peak RSS of a run over 10x more sequences of the same length (issue 7:
-  less than 1.3x). Each size runs in a fresh process, so each peak is its own.
+  less than 1.3x).
+* padding: one 60,000-step sequence alone, and with 255 one-step sequences in the same
+  run (issue 18: at most 1.3x, in peak RSS and in seconds).
+
+Runs whose memory is measured each run in a fresh process, so each peak is its own.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 
 TOUCHED, SNAPSHOT = 1_000, 100_000
 CHUNK_STEPS = 128
+LONG_STEPS, SHORT_SEQUENCES = 60_000, 255
 
 
 def _snapshot(state_url: str, model_path: str, sequence_ids: list[str]) -> None:
@@ -89,12 +94,42 @@ def memory(root: str, model_path: str, input_dim: int, sequences: int, steps: in
                   for index in range(steps // CHUNK_STEPS)]
         write_chunk_files(chunk_dir, chunks, files=8 * factor, rng=rng)
         del chunks
-        child = subprocess.run(
-            [sys.executable, "-c", _MEASURE_RSS, model_path, chunk_dir,
-             os.path.join(root, f"memory-run-{factor}x")],
-            check=True, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": "."})
-        measured[factor] = json.loads(child.stdout.strip().splitlines()[-1])
+        measured[factor] = _measured_run(model_path, chunk_dir,
+                                         os.path.join(root, f"memory-run-{factor}x"))
     return {"sequences": sequences, "steps": steps,
             "peak_rss_mib_1x": measured[1]["peak_rss_mib"],
             "peak_rss_mib_10x": measured[10]["peak_rss_mib"],
             "ratio": measured[10]["peak_rss_mib"] / measured[1]["peak_rss_mib"]}
+
+
+def _measured_run(model_path: str, chunk_dir: str, root: str) -> dict:
+    """Peak RSS, steps and seconds of one run in a fresh process."""
+    child = subprocess.run([sys.executable, "-c", _MEASURE_RSS, model_path, chunk_dir, root],
+                           check=True, capture_output=True, text=True,
+                           env=os.environ | {"PYTHONPATH": "."})
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def padding(root: str, model_path: str, input_dim: int) -> dict:
+    """Peak RSS and seconds of a run over one 60,000-step sequence alone, and of the
+    same run with 255 one-step sequences beside it."""
+    from pipeline.demo import write_chunk_files
+    from schemas import Chunk
+
+    rng = np.random.default_rng(4)
+    long_one = [Chunk("long", index, rng.normal(size=(CHUNK_STEPS, input_dim)).astype(np.float32))
+                for index in range(LONG_STEPS // CHUNK_STEPS)]
+    short = [Chunk(f"short-{number:03d}", 0, rng.normal(size=(1, input_dim)).astype(np.float32))
+             for number in range(SHORT_SEQUENCES)]
+    measured = {}
+    for name, chunks in (("alone", long_one), ("with_short", long_one + short)):
+        chunk_dir = os.path.join(root, f"padding-chunks-{name}")
+        write_chunk_files(chunk_dir, chunks, files=4, rng=rng)
+        measured[name] = _measured_run(model_path, chunk_dir, os.path.join(root, f"padding-{name}"))
+    alone, with_short = measured["alone"], measured["with_short"]
+    return {"long_steps": LONG_STEPS, "short_sequences": SHORT_SEQUENCES,
+            "peak_rss_mib_alone": alone["peak_rss_mib"], "seconds_alone": alone["seconds"],
+            "peak_rss_mib_with_short": with_short["peak_rss_mib"],
+            "seconds_with_short": with_short["seconds"],
+            "rss_ratio": with_short["peak_rss_mib"] / alone["peak_rss_mib"],
+            "time_ratio": with_short["seconds"] / alone["seconds"]}

@@ -224,7 +224,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument(*spellings("--run-id"), dest="run_id", default=None,
                         help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
     parser.add_argument(*spellings("--batch-size"), dest="batch_size", type=int, default=256,
-                        help="sequences run together in one batched computation (default 256)")
+                        help="batch rows: sequences computed together; a row whose "
+                             "sequence ends takes the next one (default 256)")
     parser.add_argument(*spellings("--window-steps"), dest="window_steps", type=int, default=256,
                         help="time steps per compiled call; bounds memory (default 256)")
     parser.add_argument("--keep", type=int, default=None, metavar="N",

@@ -10,8 +10,8 @@ import numpy as np
 from schemas import CarriedState, Chunk
 from transforms.sequencing import (CONFLICTING_DUPLICATE, DEFERRED, DIGEST_WINDOW,
                                    DUPLICATE_UNVERIFIABLE, END_EXPIRED, PROCESSED, REJECTED,
-                                   SEQUENCE_CLOSED, SKIPPED, Planner, SequenceWork,
-                                   split_into_batches, stable_bucket, tombstone)
+                                   SEQUENCE_CLOSED, SKIPPED, Planner,
+                                   stable_bucket, tombstone)
 
 ZERO = (np.zeros(2, np.float32), np.zeros(2, np.float32))
 PLANNER = Planner(run_id="now", run_number=5, started_at=1_000_000, zero_state=ZERO,
@@ -107,21 +107,6 @@ def test_reset_state_restarts_another_models_state_from_zeros_keeping_chunk_numb
 def test_a_new_sequence_whose_chunks_are_all_rejected_leaves_no_state_row():
     plan = PLANNER.plan("s", None, [], [chunk(0, value=1), chunk(0, value=2)])
     assert plan.work is None and plan.unchanged is None
-
-
-def work(sequence_id, steps):
-    return SequenceWork(CarriedState(sequence_id, 0, 0, ZERO, "fp"),
-                        (chunk(0, steps, sequence_id=sequence_id),))
-
-
-def test_batches_are_full_bounded_deterministic_and_grouped_by_length():
-    works = [work(f"s{i}", steps) for i, steps in enumerate([5, 1, 9, 3, 7, 2, 8])]
-    batches = split_into_batches(works, batch_size=3)
-    assert [[w.steps for w in b] for b in batches] == [[9, 8, 7], [5, 3, 2], [1]]
-    again = split_into_batches(list(reversed(works)), batch_size=3)
-    assert [[w.carried.sequence_id for w in b] for b in again] == \
-        [[w.carried.sequence_id for w in b] for b in batches]
-    assert split_into_batches([], 3) == []
 
 
 def test_stable_bucket_is_the_same_in_another_process_with_another_hash_seed():

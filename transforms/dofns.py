@@ -17,6 +17,7 @@ report never depends on a runner's support for querying metrics.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from typing import Iterable, Sequence
 
@@ -34,8 +35,7 @@ from schemas.manifest import shard_of_file
 from schemas.validation import (UNREADABLE_FILE, WRONG_SCHEMA, ChunkRows, RejectedFile,
                                 as_chunk_rows, chunk_dead_letter, rejected_file,
                                 schema_problem, validate_chunks)
-from transforms.sequencing import (END_IS_LAST, REJECTED, Planner, RunSizing,
-                                   split_into_batches, stable_bucket)
+from transforms.sequencing import END_IS_LAST, REJECTED, Planner, RunSizing, stable_bucket
 from transforms import staging
 from transforms.models import ModelOptions
 from transforms.session import METRICS_NAMESPACE, LoadedModel
@@ -305,10 +305,13 @@ class PlanAndRunBucket(beam.DoFn):
                     counts[f"sequences_ended_{value[1]}"] += 1
         counts["ms_plan"] = _ms_since(started)
         yield from planned
-        for number, batch in enumerate(split_into_batches(works, self._batch_size)):
+        results = self._session.run(works, self._batch_size) if works else iter(())
+        for number in itertools.count():
             started = time.perf_counter()
-            result = self._session.run(batch)
+            result = next(results, None)
             counts["ms_compute"] += _ms_since(started)
+            if result is None:
+                break
             storage.fault_point("mid_compute")
             # A table, not objects: the runner encodes and size-samples it cheaply.
             yield "outputs", (f"{bucket:05d}-{number:04d}", outputs_to_table(sorted(
@@ -318,7 +321,8 @@ class PlanAndRunBucket(beam.DoFn):
             for state in result.ended:
                 yield "ended", (state, END_IS_LAST)
             counts[f"sequences_ended_{END_IS_LAST}"] += len(result.ended)
-            counts.update({"sequences_touched": len(batch), "steps_processed": result.steps,
+            counts.update({"sequences_touched": len(result.states),
+                           "steps_processed": result.steps,
                            "batches": 1,
                            "batches_xla" if self._model.kernel.xla else "batches_plain": 1})
         yield LEDGER, _counts(dict(+counts))

@@ -410,31 +410,48 @@ class StepKernel:
         batch, total_steps = inputs.shape[0], inputs.shape[1]
         outputs = np.zeros((batch, total_steps, self.stack.output_dim), np.float32)
         lengths = np.minimum(np.asarray(lengths, np.int64), total_steps)
-        if batch == 0 or total_steps == 0 or lengths.max() <= 0:
-            return outputs, [np.array(s, np.float32) for s in states]
-        shards, rows = self._layout(batch)
-        padded = shards * rows
-        current = tuple(tf.constant(_pad_rows(np.asarray(s, np.float32), padded))
-                        for s in states)
-        for start in range(0, total_steps, self.window_steps):
-            steps = min(self.window_steps, total_steps - start)
-            window_lengths = np.clip(lengths - start, 0, steps).astype(np.int32)
+        states = [np.asarray(s, np.float32) for s in states]
+        for start in range(0, total_steps if batch else 0, self.window_steps):
+            window_lengths = np.clip(lengths - start, 0, self.window_steps)
             longest = int(window_lengths.max())
             if longest == 0:
                 break  # every row has ended: the states stay, the outputs are zeros
-            width = window_width(steps, self.window_steps)
-            if padded == batch and width == steps:
-                window_inputs = inputs[:, start:start + steps]
-            else:
-                window_inputs = np.zeros((padded, width, self.stack.input_dim), np.float32)
-                window_inputs[:batch, :longest] = inputs[:, start:start + longest]
-            # Padded rows run as long as the longest real row: no extra masked steps.
-            window_lengths = np.concatenate(
-                [window_lengths, np.full(padded - batch, longest, np.int32)])
-            window_outputs, current = self._window(
-                tf.constant(window_inputs), tf.constant(window_lengths), current, shards)
-            outputs[:, start:start + longest] = window_outputs.numpy()[:batch, :longest]
-        return outputs, [s.numpy()[:batch] for s in current]
+            window_outputs, states = self.run_window(inputs[:, start:start + longest],
+                                                     window_lengths, states)
+            outputs[:, start:start + longest] = window_outputs
+        return outputs, states
+
+    def run_window(self, inputs: np.ndarray, lengths: np.ndarray,
+                   states: Sequence[np.ndarray], rows: int = 0
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One window of at most ``window_steps`` steps: ``inputs`` [B, W, input_dim],
+        ``lengths`` [B] the real steps of each row in it (0: the row rests, its state
+        unchanged), ``states`` one [B, size] array per state part. The batch is padded
+        to at least ``rows`` rows (a caller keeping few compiled shapes). Returns the
+        outputs [B, W, output_dim] (meaningless past each length) and the states after
+        each row's last real step."""
+        inputs = np.asarray(inputs, np.float32)
+        batch, steps = inputs.shape[0], inputs.shape[1]
+        if steps > self.window_steps:
+            raise ValueError(f"a window has at most {self.window_steps} steps, not {steps}")
+        lengths = np.minimum(np.asarray(lengths, np.int64), steps).astype(np.int32)
+        outputs = np.zeros((batch, steps, self.stack.output_dim), np.float32)
+        longest = int(lengths.max()) if batch else 0
+        if longest <= 0:
+            return outputs, [np.array(s, np.float32) for s in states]
+        shards, rows_per_shard = self._layout(max(batch, rows))
+        padded = shards * rows_per_shard
+        width = window_width(longest, self.window_steps)
+        window_inputs = np.zeros((padded, width, self.stack.input_dim), np.float32)
+        window_inputs[:batch, :longest] = inputs[:, :longest]
+        # Padded rows run as long as the longest real row: no extra masked steps.
+        window_lengths = np.concatenate([lengths, np.full(padded - batch, longest, np.int32)])
+        window_outputs, new_states = self._window(
+            tf.constant(window_inputs), tf.constant(window_lengths),
+            tuple(tf.constant(_pad_rows(np.asarray(s, np.float32), padded)) for s in states),
+            shards)
+        outputs[:, :longest] = window_outputs.numpy()[:batch, :longest]
+        return outputs, [s.numpy()[:batch] for s in new_states]
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

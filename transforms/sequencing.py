@@ -5,16 +5,17 @@ run (applied now, deferred until a missing earlier chunk arrives, skipped as an 
 duplicate, or rejected with a reason) and which pending chunks can now be applied.
 A chunk is never applied out of order, so nothing out of order touches the state.
 
-:func:`run_batch` runs many sequences' planned work together through the
-:class:`~transforms.kernel.StepKernel` and turns the padded result back into
-per-chunk outputs and new carried states.
+:func:`run_continuous` runs many sequences' planned work through the
+:class:`~transforms.kernel.StepKernel` on a fixed number of batch rows, window by
+window, a finished sequence's row taken by the next waiting one (continuous
+batching), and turns the results back into per-chunk outputs and new carried states.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import zlib
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -250,18 +251,6 @@ def size_run(sequences: int, feature_bytes: int, batch_size: int,
     return RunSizing(sequences, buckets, shards)
 
 
-def split_into_batches(works: Sequence[SequenceWork],
-                       batch_size: int) -> list[list[SequenceWork]]:
-    """Deterministic batches of similar lengths: full batches of ``batch_size``, then
-    the rest (the kernel compiles for few batch shapes, so full ones waste nothing).
-
-    Sorting by length keeps padding small; the order is fixed by (steps, sequence_id)
-    so a retried bundle computes exactly the same batches.
-    """
-    ordered = sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id))
-    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchResult:
     """Per-chunk outputs; every sequence's new state (a tombstone for one that
@@ -272,37 +261,117 @@ class BatchResult:
     steps: int
 
 
-def run_batch(kernel, works: Sequence[SequenceWork]) -> BatchResult:
-    """Run one batch of sequences together through ``kernel`` (a StepKernel).
+class _Feed:
+    """One running sequence of a batch: its chunks fed window by window, without
+    concatenating them, and its outputs so far."""
 
-    Each sequence's chunks are concatenated, rows are right-padded to the longest,
-    and each sequence's new state is taken at its own last real step.
-    """
-    stack = kernel.stack
-    lengths = np.array([work.steps for work in works], np.int64)
-    inputs = np.zeros((len(works), int(lengths.max()), stack.input_dim), np.float32)
-    for row, work in enumerate(works):
-        inputs[row, :lengths[row]] = np.concatenate([c.features for c in work.chunks])
-    initial = [np.stack([work.carried.tensors[part] for work in works])
-               for part in range(len(stack.state_sizes))]
-    outputs, final = kernel.run(inputs, lengths, initial)
+    def __init__(self, work: SequenceWork):
+        self.work = work
+        self.remaining = work.steps
+        self._pieces = [chunk.features for chunk in work.chunks]
+        self._next, self._offset = 0, 0
+        self.outputs: list[np.ndarray] = []
 
-    chunk_outputs, states, ended = [], [], []
-    for row, work in enumerate(works):
-        start = 0
-        for chunk in work.chunks:
-            chunk_outputs.append(ChunkOutput(chunk.sequence_id, chunk.chunk_index,
-                                             outputs[row, start:start + chunk.steps].copy()))
-            start += chunk.steps
-        digests = work.carried.applied_digests + b"".join(c.digest for c in work.chunks)
-        state = dataclasses.replace(
-            work.carried, next_chunk_index=work.chunks[-1].chunk_index + 1,
-            steps_seen=work.carried.steps_seen + int(lengths[row]),
-            tensors=tuple(part[row].copy() for part in final),
-            model_fingerprint=stack.fingerprint,
-            applied_digests=digests[-DIGEST_WINDOW * DIGEST_BYTES:])
-        if work.chunks[-1].is_last:
+    def take(self, steps: int) -> np.ndarray:
+        """The next ``steps`` steps of features."""
+        pieces = []
+        while steps:
+            piece = self._pieces[self._next][self._offset:self._offset + steps]
+            pieces.append(piece)
+            steps -= len(piece)
+            self._offset += len(piece)
+            if self._offset == len(self._pieces[self._next]):
+                self._next, self._offset = self._next + 1, 0
+        self.remaining -= sum(len(piece) for piece in pieces)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _finished(feed: _Feed, final: Sequence[np.ndarray], fingerprint: str
+              ) -> tuple[list[ChunkOutput], CarriedState, bool]:
+    """A sequence whose steps have all run: its per-chunk outputs, its new carried
+    state, and whether it ended (then the state is its final one)."""
+    work = feed.work
+    outputs = np.concatenate(feed.outputs)
+    chunk_outputs, start = [], 0
+    for chunk in work.chunks:
+        chunk_outputs.append(ChunkOutput(chunk.sequence_id, chunk.chunk_index,
+                                         outputs[start:start + chunk.steps]))
+        start += chunk.steps
+    digests = work.carried.applied_digests + b"".join(c.digest for c in work.chunks)
+    state = dataclasses.replace(
+        work.carried, next_chunk_index=work.chunks[-1].chunk_index + 1,
+        steps_seen=work.carried.steps_seen + work.steps,
+        tensors=tuple(np.array(part) for part in final), model_fingerprint=fingerprint,
+        applied_digests=digests[-DIGEST_WINDOW * DIGEST_BYTES:])
+    return chunk_outputs, state, bool(work.chunks[-1].is_last)
+
+
+def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]]) -> BatchResult:
+    outputs, states, ended = [], [], []
+    for chunk_outputs, state, last in done:
+        outputs += chunk_outputs
+        if last:
             ended.append(state)
             state = tombstone(state)
         states.append(state)
-    return BatchResult(chunk_outputs, states, ended, int(lengths.sum()))
+    return BatchResult(outputs, states, ended,
+                       sum(len(output.outputs) for output in outputs))
+
+
+def run_continuous(kernel, works: Sequence[SequenceWork], slots: int) -> Iterator[BatchResult]:
+    """Run ``works`` through ``kernel`` (a StepKernel) on ``slots`` batch rows, one
+    window of ``kernel.window_steps`` at a time: continuous batching, as Triton's
+    sequence batcher and LLM servers do. A row whose sequence has run all its steps
+    takes the next waiting sequence (with its own carried state) at the next window;
+    once none waits, the batch shrinks to the rows still running (by halves, so few
+    shapes are compiled). So one long sequence among many short ones costs about what
+    it costs alone, and no array holds more than one window of the batch.
+
+    Sequences start longest first, in an order fixed by (steps, sequence_id), so a
+    retried bundle computes exactly the same bits. Yields a :class:`BatchResult` each
+    time ``slots`` sequences have finished, and one for the rest.
+    """
+    stack = kernel.stack
+    waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
+    capacity = min(slots, len(waiting))
+    running: list[_Feed] = []
+    states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
+    done: list[tuple[list[ChunkOutput], CarriedState, bool]] = []
+    while waiting or running:
+        joining = [_Feed(waiting.popleft()) for _ in range(min(len(waiting),
+                                                                slots - len(running)))]
+        if joining:
+            running += joining
+            states = [np.concatenate([part, np.stack([feed.work.carried.tensors[index]
+                                                      for feed in joining])])
+                      for index, part in enumerate(states)]
+        lengths = np.minimum([feed.remaining for feed in running], kernel.window_steps)
+        inputs = np.zeros((len(running), int(lengths.max()), stack.input_dim), np.float32)
+        for row, feed in enumerate(running):
+            inputs[row, :lengths[row]] = feed.take(int(lengths[row]))
+        rows = capacity
+        while rows // 2 >= len(running):
+            rows //= 2
+        outputs, states = kernel.run_window(inputs, lengths, states, rows)
+        still = []
+        for row, feed in enumerate(running):
+            feed.outputs.append(outputs[row, :lengths[row]].copy())
+            if feed.remaining:
+                still.append(row)
+            else:
+                done.append(_finished(feed, [part[row] for part in states],
+                                      stack.fingerprint))
+        running = [running[row] for row in still]
+        states = [part[still] for part in states]
+        if len(done) >= slots:
+            yield _batch_result(done)
+            done = []
+    if done:
+        yield _batch_result(done)
+
+
+def run_batch(kernel, works: Sequence[SequenceWork]) -> BatchResult:
+    """Run ``works`` (at least one) through ``kernel`` all at once, on ``len(works)``
+    rows; see :func:`run_continuous`."""
+    (result,) = run_continuous(kernel, works, len(works))
+    return result

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from apache_beam.metrics import Metrics
 
 from transforms.kernel import StepKernel
 from transforms.models import ModelError, ModelOptions, RecurrentStack, load_model
-from transforms.sequencing import BatchResult, SequenceWork, run_batch
+from transforms.sequencing import BatchResult, SequenceWork, run_continuous
 
 METRICS_NAMESPACE = "seqcarry"
 _LOG = logging.getLogger("seqcarry")
@@ -91,14 +91,18 @@ class StepSession:
         self.steps = 0
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_compute_ms")
 
-    def run(self, works: Sequence[SequenceWork]) -> BatchResult:
+    def run(self, works: Sequence[SequenceWork], slots: int) -> Iterator[BatchResult]:
+        """``works`` through the kernel on ``slots`` rows (continuous batching, see
+        :func:`~transforms.sequencing.run_continuous`): a result per ``slots``
+        sequences finished, each timed as the ``batch_compute_ms`` metric."""
         started = time.perf_counter()
-        result = run_batch(self._kernel, works)
-        self._latency.update(int((time.perf_counter() - started) * 1000))
-        self.batches += 1
-        self.steps += result.steps
-        self._progress.add(len(result.outputs), result.steps)
-        return result
+        for result in run_continuous(self._kernel, works, slots):
+            self._latency.update(int((time.perf_counter() - started) * 1000))
+            self.batches += 1
+            self.steps += result.steps
+            self._progress.add(len(result.outputs), result.steps)
+            yield result
+            started = time.perf_counter()
 
     def close(self) -> None:
         _LOG.debug("bundle done: %d batches, %d steps", self.batches, self.steps)

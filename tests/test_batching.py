@@ -1,0 +1,102 @@
+"""Continuous batching (``transforms.sequencing.run_continuous``) on the real kernel:
+every sequence equals the float64 numpy LSTM on its own, whatever else shares its
+batch, the schedule is deterministic, and a long sequence among short ones costs
+about what it costs alone."""
+import numpy as np
+import pytest
+
+from schemas import CarriedState, Chunk
+from tests.oracle import numpy_lstm
+from tests.test_kernel import INPUT_DIM, oracle_weights, random_stack
+from transforms.kernel import StepKernel
+from transforms.sequencing import SequenceWork, run_batch, run_continuous
+
+
+def works_of(rng, stack, lengths):
+    """One SequenceWork per length: ragged chunks (one-step ones included) and a
+    random carried state."""
+    works = []
+    for number, steps in enumerate(lengths):
+        features = rng.normal(size=(steps, INPUT_DIM)).astype(np.float32)
+        cuts = np.sort(rng.choice(np.arange(1, steps), min(steps - 1, 3), replace=False)) \
+            if steps > 1 else []
+        pieces = np.split(features, cuts)
+        carried = CarriedState(f"s{number:03d}", 2, 10, tuple(
+            rng.normal(0, 0.5, size).astype(np.float32) for size in stack.state_sizes), "fp")
+        works.append(SequenceWork(carried, tuple(
+            Chunk(carried.sequence_id, 2 + index, piece) for index, piece in enumerate(pieces))))
+    return works
+
+
+def expected(stack, work):
+    layers, head = oracle_weights(stack)
+    tensors = work.carried.tensors
+    start = [(tensors[2 * k], tensors[2 * k + 1]) for k in range(len(layers))]
+    features = np.concatenate([chunk.features for chunk in work.chunks])
+    return numpy_lstm(features, layers, head, start)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8, 64])
+def test_every_sequence_equals_itself_alone_whatever_shares_its_rows(slots):
+    rng = np.random.default_rng(11)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=16)
+    works = works_of(rng, stack, [1, 1, 2, 150, 17, 1, 40, 16, 33, 1, 5, 90])
+    results = list(run_continuous(kernel, works, slots))
+    # A result once `slots` sequences have finished (more when several finish in
+    # the same window), and one for the rest.
+    assert all(len(r.states) >= slots for r in results[:-1])
+    assert sum(len(r.states) for r in results) == len(works)
+    outputs = {(o.sequence_id, o.chunk_index): o.outputs for r in results for o in r.outputs}
+    states = {s.sequence_id: s for r in results for s in r.states}
+    for work in works:
+        want_outputs, want_states = expected(stack, work)
+        got = np.concatenate([outputs[c.sequence_id, c.chunk_index] for c in work.chunks])
+        np.testing.assert_allclose(got, want_outputs, atol=1e-5)
+        state = states[work.carried.sequence_id]
+        assert (state.next_chunk_index, state.steps_seen) == (
+            work.chunks[-1].chunk_index + 1, 10 + work.steps)
+        for k, (h, c) in enumerate(want_states):
+            np.testing.assert_allclose(state.tensors[2 * k], h, atol=1e-5)
+            np.testing.assert_allclose(state.tensors[2 * k + 1], c, atol=1e-5)
+
+
+def test_the_schedule_is_deterministic_and_compiles_few_shapes():
+    rng = np.random.default_rng(12)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=16)
+    works = works_of(rng, stack, rng.integers(1, 120, 100))
+
+    def bits(order):
+        return {(o.sequence_id, o.chunk_index): o.outputs.tobytes()
+                for r in run_continuous(kernel, order, 32) for o in r.outputs}
+
+    assert bits(works) == bits(works[::-1])
+    # Rows shrink by halves once nothing waits: 32, 16, 8 rows; widths 16.
+    assert {rows for _, rows, _ in kernel.compiled_shapes} <= {8, 16, 32}
+    assert run_batch(kernel, works[:5]).steps == sum(w.steps for w in works[:5])
+
+
+def test_a_long_sequence_among_short_ones_costs_about_what_it_costs_alone(monkeypatch):
+    """Counted in rows x steps the kernel computes (padding included): one
+    2,000-step sequence with 255 one-step ones, against it alone. Padding every row
+    to the longest, as batches did before, would cost 32x."""
+    rng = np.random.default_rng(13)
+    stack = random_stack(rng, units=(4,))
+    kernel = StepKernel(stack, window_steps=16)
+    computed = []
+    run_window = kernel.run_window
+
+    def counted(inputs, lengths, states, rows=0):
+        shards, per_shard = kernel._layout(max(len(inputs), rows))
+        computed.append(shards * per_shard * 16)
+        return run_window(inputs, lengths, states, rows)
+
+    monkeypatch.setattr(kernel, "run_window", counted)
+    works = works_of(rng, stack, [2000] + [1] * 255)
+    list(run_continuous(kernel, works, 256))
+    together = sum(computed)
+    computed.clear()
+    list(run_continuous(kernel, works[:1], 256))
+    alone = sum(computed)
+    assert together <= 1.3 * alone, (together, alone)
