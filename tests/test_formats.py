@@ -48,6 +48,10 @@ def keras_model(kind, seed=0, input_dim=INPUT_DIM):
                                 L.TimeDistributed(L.Dense(3))],
         "embedding": [id_input, L.Embedding(VOCABULARY, 4),
                       L.LSTM(5, return_sequences=True, use_bias=False), L.Dense(2)],
+        "simple_rnn": [float_input, L.SimpleRNN(6, return_sequences=True),
+                       L.SimpleRNN(4, return_sequences=True, activation="relu",
+                               use_bias=False),
+                       L.GRU(3, return_sequences=True), L.Dense(2)],
     }[kind]
     return randomized(keras.Sequential(layers), seed)
 
@@ -88,7 +92,7 @@ def assert_close(got_outputs, got_states, want_outputs, want_states):
 # --- Keras -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gru_both_modes", "masking", "embedding_mask_zero",
-                                  "embedding"])
+                                  "embedding", "simple_rnn"])
 def test_keras_layers_in_chunks_match_keras_on_the_whole_sequence(tmp_path, kind):
     path = str(tmp_path / f"{kind}.keras")
     model = keras_model(kind)
@@ -103,6 +107,17 @@ def test_keras_layers_in_chunks_match_keras_on_the_whole_sequence(tmp_path, kind
     np.testing.assert_allclose(outputs, model(keras_input).numpy()[0], atol=1e-5)
     worst = assert_close(outputs, states, *keras_whole_sequence(path)(features))
     print(f"max abs diff vs Keras ({kind}): {worst:.3g}")
+
+
+def test_simple_rnn_pipeline_over_chunked_runs(tmp_path):
+    path = str(tmp_path / "simple_rnn.keras")
+    keras_model("simple_rnn").save(path)
+    whole = {f"seq-{n}": features_for("simple_rnn", steps=steps, seed=n)
+             for n, steps in enumerate([47, 1, 12, 30])}
+    state, _ = run_chunked(path, whole, tmp_path)
+    reference = keras_whole_sequence(path)
+    worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
+    print(f"max abs diff vs Keras, SimpleRNN, 3 chunked runs: {worst:.3g}")
 
 
 def test_keras_pipeline_over_chunked_runs_with_masked_steps(tmp_path):
@@ -263,7 +278,7 @@ def savedmodel_whole_sequence(directory):
     return whole_sequence
 
 
-@pytest.mark.parametrize("kind", ["gru_both_modes", "embedding"])
+@pytest.mark.parametrize("kind", ["gru_both_modes", "embedding", "simple_rnn"])
 def test_exported_savedmodel_runs_as_a_step_function(tmp_path, kind):
     path = str(tmp_path / f"{kind}.keras")
     keras_model(kind).save(path)

@@ -47,8 +47,8 @@ Layer math, per recurrent layer kind (``layer.kind``), in two tables:
   kernel does not see the weights) or when the input layer masks steps in the middle
   of a sequence (Keras ``Masking``, ``Embedding(mask_zero=True)``).
 
-Kinds with cells: LSTM (with TF1's peepholes and projection) and GRU. States are in
-the order of the layer's ``state_parts``. A new kind writes its cell and registers
+Kinds with cells: LSTM (with TF1's peepholes and projection), GRU and SimpleRNN.
+States are in the order of the layer's ``state_parts``. A new kind writes its cell and registers
 ``_LAYER_MATH[kind] = _layer_from_cell(cell)``; a kind that cannot be written as a
 cell registers only a ``_LAYER_MATH`` function.
 """
@@ -63,7 +63,8 @@ import numpy as np
 import tensorflow as tf
 
 from transforms.models import (ACTIVATIONS, EmbeddingLayer, GRULayer, LSTMLayer,
-                               MaskingLayer, RecurrentStack, StepFunctionLayer, masks_inputs)
+                               MaskingLayer, RecurrentStack, SimpleRNNLayer, StepFunctionLayer,
+                               masks_inputs)
 
 _LOG = logging.getLogger("seqcarry")
 
@@ -141,6 +142,16 @@ def _gru_cell(layer: GRULayer, weights: Sequence[tf.Tensor], inputs: tf.Tensor,
         z, r = gate(x_z + h_z), gate(x_r + h_r)
         candidate = activation(x_h + tf.matmul(r * h, recurrent_kernel[:, 2 * units:]))
     h = z * h + (1.0 - z) * candidate
+    return h, (h,)
+
+
+def _simple_rnn_cell(layer: SimpleRNNLayer, weights: Sequence[tf.Tensor], inputs: tf.Tensor,
+                     states: Sequence[tf.Tensor]):
+    """One SimpleRNN step: h = activation(x @ W + h @ U + b)."""
+    kernel, recurrent_kernel, bias = weights
+    (h,) = states
+    h = _ACTIVATION_FUNCTIONS[layer.activation](
+        tf.matmul(inputs, kernel) + bias + tf.matmul(h, recurrent_kernel))
     return h, (h,)
 
 
@@ -225,10 +236,11 @@ def _step_function_layer(layer: StepFunctionLayer, weights: Sequence[tf.Tensor],
 
 # One step of each recurrent layer kind: (layer, weights, inputs [B, D], states) ->
 # (output [B, U], new states), states in the order of the layer's ``state_parts``.
-_CELL_MATH = {"lstm": _lstm_cell, "gru": _gru_cell}
+_CELL_MATH = {"lstm": _lstm_cell, "gru": _gru_cell, "simple_rnn": _simple_rnn_cell}
 # A window of each recurrent layer kind: (layer, weights, inputs [B, T, D],
 # mask [T, B, 1], states) -> (output sequence [B, T, U], new states).
 _LAYER_MATH = {"lstm": _layer_from_cell(_lstm_cell), "gru": _layer_from_cell(_gru_cell),
+               "simple_rnn": _layer_from_cell(_simple_rnn_cell),
                "step_function": _step_function_layer}
 
 

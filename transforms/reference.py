@@ -15,7 +15,7 @@ def keras_with_state(model: Any) -> Any:
 
     Inputs ``[sequence, *initial states]``, outputs ``[per-step outputs, *final
     states]``, the states in seqcarry's order: h, c of each LSTM layer, h of each GRU
-    layer. Everything is computed by Keras' own layers (twins sharing the weights).
+    or SimpleRNN layer. Everything is computed by Keras' own layers (twins sharing the weights).
     """
     import keras
 
@@ -28,7 +28,7 @@ def keras_with_state(model: Any) -> Any:
             # The same per-step math; Keras 3.15's TimeDistributed computes wrong numbers
             # when traced with an unknown number of steps (its vectorized_map path).
             layer = layer.layer
-        if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
+        if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)):
             twin = type(layer).from_config(layer.get_config() | {"return_state": True})
             starts = [keras.Input((layer.units,))
                       for _ in range(2 if isinstance(layer, keras.layers.LSTM) else 1)]
@@ -46,7 +46,7 @@ def keras_with_state(model: Any) -> Any:
 def keras_whole_sequence(model: Any) -> Callable[..., tuple[np.ndarray, list[np.ndarray]]]:
     """A function mapping one whole sequence [steps, input_dim] (and optionally its
     initial states, zeros by default) to Keras' per-step outputs [steps, output_dim]
-    and final states (h, c per LSTM layer, h per GRU layer, in order).
+    and final states (h, c per LSTM layer, h per GRU or SimpleRNN layer, in order).
 
     ``model`` is a Keras model or a ``.keras`` path. For a model that starts with an
     ``Embedding``, features are [steps, 1] token ids.

@@ -31,7 +31,7 @@ from transforms.models.checkpoints import checkpoint_prefix, object_graph
 from transforms.models.description import (ACTIVATIONS, STEP_SIGNATURE, DenseLayer,
                                            EmbeddingLayer, GRULayer, LSTMLayer,
                                            MaskingLayer, ModelError, ModelLoader,
-                                           ModelOptions, RecurrentStack,
+                                           ModelOptions, RecurrentStack, SimpleRNNLayer,
                                            StepFunctionLayer, masks_inputs)
 from transforms.models.keras_checkpoint import KerasCheckpointLoader
 from transforms.models.keras_file import KerasLoader, read_keras, stack_from_keras
@@ -42,7 +42,7 @@ __all__ = [
     "ACTIVATIONS", "STEP_SIGNATURE", "LOADERS", "DenseLayer", "EmbeddingLayer",
     "GRULayer", "KerasCheckpointLoader", "KerasLoader", "LSTMLayer", "MaskingLayer",
     "ModelError", "ModelLoader", "ModelOptions", "RecurrentStack", "SavedModelLoader",
-    "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "load_model",
+    "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "load_model",
     "masks_inputs", "object_graph", "read_keras", "stack_from_keras", "stack_from_tf1",
 ]
 

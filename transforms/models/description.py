@@ -204,6 +204,44 @@ class GRULayer(_RecurrentLayer, _KernelLayer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class SimpleRNNLayer(_RecurrentLayer, _KernelLayer):
+    """One fully-connected recurrent layer (Keras ``SimpleRNN``):
+    ``h = activation(x @ kernel + h @ recurrent_kernel + bias)``.
+
+    kernel [input_dim, units], recurrent_kernel [units, units], bias [units].
+    """
+    kernel: np.ndarray
+    recurrent_kernel: np.ndarray
+    bias: np.ndarray
+    activation: str = "tanh"
+
+    kind = "simple_rnn"
+    state_parts = ("h",)
+
+    @property
+    def units(self) -> int:
+        return int(self.recurrent_kernel.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return self.units
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return (self.units,)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "units": self.units, "input_dim": self.input_dim,
+                "activation": self.activation}
+
+    def weights(self) -> tuple[np.ndarray, ...]:
+        return (self.kernel, self.recurrent_kernel, self.bias)
+
+    def expected_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.input_dim, self.units), (self.units, self.units), (self.units,))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepFunctionLayer(_RecurrentLayer):
     """A black-box recurrent step: a SavedModel's ``step`` signature.
 

@@ -12,14 +12,16 @@ import numpy as np
 
 from transforms.models.description import (DenseLayer, EmbeddingLayer, GRULayer, LSTMLayer,
                                            MaskingLayer, ModelError, ModelLoader,
-                                           ModelOptions, RecurrentStack, masks_inputs)
+                                           ModelOptions, RecurrentStack, SimpleRNNLayer,
+                                           masks_inputs)
 
 # Layers whose output at a step depends on later steps: a chunk's later steps have not
 # arrived when it is computed.
 _NON_CAUSAL = ("Bidirectional", "Attention", "AdditiveAttention", "MultiHeadAttention",
                "GroupedQueryAttention", "GlobalAveragePooling1D", "GlobalMaxPooling1D")
 _IDENTITY_AT_INFERENCE = ("InputLayer", "Dropout", "GaussianNoise", "GaussianDropout")
-_KERAS_SUPPORTED = ("stacked LSTM/GRU(return_sequences=True) layers, optionally after one "
+_KERAS_SUPPORTED = ("stacked LSTM/GRU/SimpleRNN(return_sequences=True) layers, optionally "
+                    "after one "
                     "Masking or Embedding layer and followed by Dense layers")
 
 
@@ -43,13 +45,17 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
             input_layer = (MaskingLayer(float(config["mask_value"]), model.input_shape[-1])
                            if kind == "Masking" else
                            EmbeddingLayer(np.asarray(layer.embeddings), config["mask_zero"]))
-        elif kind in ("LSTM", "GRU"):
+        elif kind in ("LSTM", "GRU", "SimpleRNN"):
             if head:
                 raise ModelError(f"{source}: {kind} layer {layer.name!r} after a Dense "
                                  "layer; dense layers are only supported as a per-step head")
             if not config["return_sequences"] or config["go_backwards"]:
+                hint = ("" if config["go_backwards"] else
+                        "; for a classifier (a last-step output), save the same layers "
+                        "and weights with return_sequences=True: each chunk's output at "
+                        "its last step is then what the classifier says there")
                 raise ModelError(f"{source}: {kind} layer {layer.name!r} must have "
-                                 "return_sequences=True and go_backwards=False")
+                                 f"return_sequences=True and go_backwards=False{hint}")
             if config.get("zero_output_for_mask") and masks_inputs(input_layer):
                 raise ModelError(f"{source}: {kind} layer {layer.name!r} has "
                                  "zero_output_for_mask=True; with a mask only the Keras "
@@ -72,8 +78,13 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
                           input_layer=input_layer)
 
 
-def _keras_recurrent(kind: str, layer: Any, config: dict) -> LSTMLayer | GRULayer:
+def _keras_recurrent(kind: str, layer: Any, config: dict
+                     ) -> LSTMLayer | GRULayer | SimpleRNNLayer:
     kernel, recurrent_kernel, *bias = layer.get_weights()
+    if kind == "SimpleRNN":
+        return SimpleRNNLayer(kernel, recurrent_kernel,
+                              bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
+                              config["activation"])
     activations = (config["activation"], config["recurrent_activation"])
     if kind == "LSTM":
         return LSTMLayer(kernel, recurrent_kernel,
