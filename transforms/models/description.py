@@ -99,6 +99,23 @@ class _RecurrentLayer(_Layer):
         return tuple(f"layer{index}_{part}" for part in self.state_parts)
 
 
+class _HiddenStateLayer(_RecurrentLayer, _KernelLayer):
+    """A recurrent layer whose only state is its output h (GRU, SimpleRNN)."""
+    state_parts = ("h",)
+
+    @property
+    def units(self) -> int:
+        return int(self.recurrent_kernel.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return self.units
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return (self.units,)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LSTMLayer(_RecurrentLayer, _KernelLayer):
     """One LSTM layer in Keras' layout: gates ordered input, forget, cell, output.
@@ -159,7 +176,7 @@ class LSTMLayer(_RecurrentLayer, _KernelLayer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GRULayer(_RecurrentLayer, _KernelLayer):
+class GRULayer(_HiddenStateLayer):
     """One GRU layer in Keras' layout: gates ordered update (z), reset (r), candidate.
 
     kernel [input_dim, 3 * units], recurrent_kernel [units, 3 * units]; bias [3 * units],
@@ -174,19 +191,6 @@ class GRULayer(_RecurrentLayer, _KernelLayer):
     reset_after: bool = True
 
     kind = "gru"
-    state_parts = ("h",)
-
-    @property
-    def units(self) -> int:
-        return int(self.recurrent_kernel.shape[0])
-
-    @property
-    def output_dim(self) -> int:
-        return self.units
-
-    @property
-    def state_sizes(self) -> tuple[int, ...]:
-        return (self.units,)
 
     def config(self) -> dict:
         return {"kind": self.kind, "units": self.units, "input_dim": self.input_dim,
@@ -204,7 +208,7 @@ class GRULayer(_RecurrentLayer, _KernelLayer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SimpleRNNLayer(_RecurrentLayer, _KernelLayer):
+class SimpleRNNLayer(_HiddenStateLayer):
     """One fully-connected recurrent layer (Keras ``SimpleRNN``):
     ``h = activation(x @ kernel + h @ recurrent_kernel + bias)``.
 
@@ -216,19 +220,6 @@ class SimpleRNNLayer(_RecurrentLayer, _KernelLayer):
     activation: str = "tanh"
 
     kind = "simple_rnn"
-    state_parts = ("h",)
-
-    @property
-    def units(self) -> int:
-        return int(self.recurrent_kernel.shape[0])
-
-    @property
-    def output_dim(self) -> int:
-        return self.units
-
-    @property
-    def state_sizes(self) -> tuple[int, ...]:
-        return (self.units,)
 
     def config(self) -> dict:
         return {"kind": self.kind, "units": self.units, "input_dim": self.input_dim,
