@@ -135,9 +135,11 @@ class FlinkCluster:
         return {job["jid"] for job in self.rest("/jobs/overview")["jobs"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flink(gcs_emulator, tmp_path_factory):
-    """A JobManager, two TaskManagers and Beam's Flink job server, stopped by PID."""
+    """A JobManager, two TaskManagers and Beam's Flink job server, stopped by PID.
+    Started once per session: it takes about 50 s (the suite's durations showed that
+    setup twice with a module scope)."""
     cluster = FlinkCluster(str(tmp_path_factory.mktemp("flink")))
     try:
         cluster.call("up")
