@@ -122,8 +122,15 @@ def fetch_job_server() -> None:
   </dependency></dependencies>
 </project>
 """)
-    done = mvn("-f", os.path.join(work, "pom.xml"), "dependency:copy-dependencies",
-               "-DincludeScope=runtime", f"-DoutputDirectory={os.path.join(work, 'lib')}")
+    # Three tries: a fresh clone's run once failed "Failed to copy full contents" of a
+    # jar just downloaded, and the same command succeeded when run again.
+    for attempt in range(1, 4):
+        shutil.rmtree(os.path.join(work, "lib"), ignore_errors=True)
+        done = mvn("-f", os.path.join(work, "pom.xml"), "dependency:copy-dependencies",
+                   "-DincludeScope=runtime", f"-DoutputDirectory={os.path.join(work, 'lib')}")
+        if done.returncode == 0:
+            break
+        log(f"mvn failed (try {attempt} of 3): {done.stdout.strip()[-300:]}")
     if done.returncode != 0:
         sys.exit(f"flink: mvn could not resolve beam-runners-flink-{FLINK_MINOR}:{BEAM_JAVA}:"
                  f"\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
