@@ -305,7 +305,7 @@ class PlanAndRunBucket(beam.DoFn):
                     counts[f"sequences_ended_{value[1]}"] += 1
         counts["ms_plan"] = _ms_since(started)
         yield from planned
-        results = self._session.run(works, self._batch_size) if works else iter(())
+        results = self._session.run(works, self._batch_size)  # nothing for no works
         for number in itertools.count():
             started = time.perf_counter()
             result = next(results, None)
