@@ -354,13 +354,19 @@ class RecurrentStack:
 
     ``source`` is ``format:path``, for messages; ``notes`` are what a loader wants
     people to know (e.g. checkpoint variables it did not use), shown by
-    ``seqcarry inspect-model``. Neither is part of the fingerprint.
+    ``seqcarry inspect-model``. ``sequence_output`` is False for a model that gives
+    one output for a whole sequence (a classifier: its last recurrent layer has
+    Keras' ``return_sequences=False``): the kernel still computes its output at every
+    step (what it would say if the sequence ended there), and a run keeps each
+    chunk's last one unless told otherwise (``--outputs-at``). None of these three is
+    part of the fingerprint: they do not change what is computed.
     """
     recurrent: tuple[_RecurrentLayer, ...]
     head: tuple[DenseLayer, ...] = ()
     source: str = ""
     input_layer: EmbeddingLayer | MaskingLayer | None = None
     notes: tuple[str, ...] = ()
+    sequence_output: bool = True
 
     def __post_init__(self) -> None:
         name = self.source or "model"
@@ -446,6 +452,7 @@ class RecurrentStack:
                         "output_dim": layer.output_dim} for position, layer in layers],
             "state_parts": states,
             "state_floats_per_sequence": sum(states.values()),
+            "sequence_output": self.sequence_output,
             "fingerprint": self.fingerprint, "notes": list(self.notes)}
 
     @functools.cached_property
