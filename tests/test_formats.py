@@ -160,11 +160,12 @@ def test_gru_fingerprint_depends_on_reset_after(tmp_path):
     ([keras.layers.Bidirectional(keras.layers.GRU(3, return_sequences=True))],
      "of type Bidirectional is not supported: it is not causal"),
     ([keras.layers.LSTM(3, return_sequences=True), keras.layers.Masking()],
-     "Masking layer .* must be the model's first layer"),
+     "of type Masking must be the model's first layer"),
     ([keras.layers.Masking(), keras.layers.GRU(3, return_sequences=True,
                                                zero_output_for_mask=True)],
      "zero_output_for_mask=True"),
-    ([keras.layers.Conv1D(3, 2)], "of type Conv1D is not supported"),
+    ([keras.layers.Conv1D(3, 2)], "of type Conv1D has padding='valid'"),
+    ([keras.layers.Conv1D(3, 2, padding="causal", strides=2)], "must have strides=1"),
 ])
 def test_unsupported_keras_layers_are_refused(tmp_path, layers, message):
     path = str(tmp_path / "bad.keras")

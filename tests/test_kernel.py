@@ -18,12 +18,12 @@ def random_stack(rng, units=(7, 6), output_dim=3):
         width = u
     head = (DenseLayer(rng.normal(0, 0.5, (width, output_dim)).astype(np.float32),
                        rng.normal(0, 0.3, output_dim).astype(np.float32)),) if output_dim else ()
-    return RecurrentStack(tuple(layers), head, source="test")
+    return RecurrentStack(tuple(layers) + head, source="test")
 
 
 def oracle_weights(stack):
     return ([(l.kernel, l.recurrent_kernel, l.bias) for l in stack.recurrent],
-            [(d.kernel, d.bias) for d in stack.head])
+            [(d.kernel, d.bias) for d in stack.layers if isinstance(d, DenseLayer)])
 
 
 @pytest.mark.parametrize("xla", [True, False], ids=["xla", "plain"])
@@ -143,7 +143,7 @@ def test_a_model_xla_cannot_compile_runs_plain_decided_once_when_the_kernel_is_b
 
     layer = StepFunctionLayer(through_text, input_dim=2, output_dim=2, names=("h",),
                               state_sizes=(2,), variables_sha256="none")
-    stack = RecurrentStack((layer,), (), source="test")
+    stack = RecurrentStack((layer,), source="test")
     with caplog.at_level("WARNING", logger="seqcarry"):
         kernel = StepKernel(stack, window_steps=8, xla=True)
     assert kernel.xla is False

@@ -80,7 +80,8 @@ def test_peepholes_projection_and_head_are_read(tf1_checkpoints):
     assert stack.state_names == ("layer0_h", "layer0_c", "layer1_h", "layer1_c",
                                  "layer2_h", "layer2_c")
     assert stack.state_sizes == (4, 7, 5, 5, 3, 6)  # h is the projection's width
-    assert (stack.input_dim, stack.output_dim, len(stack.head)) == (3, 2, 1)
+    assert (stack.input_dim, stack.output_dim, stack.layers[-1].kind) == (3, 2, "dense")
+    assert len(stack.layers) == 4
     assert stack.notes == ()
 
 
@@ -125,7 +126,7 @@ def test_model_options_travel_with_the_pickled_dofn(tf1_checkpoints):
 def keras_twin(stack, path):
     """A Keras model holding the weights of a TF1 checkpoint's one-LSTM stack with a
     dense head, written to ``path``."""
-    layer, dense = stack.recurrent[0], stack.head[0]
+    layer, dense = stack.layers
     model = keras.Sequential([keras.Input((None, stack.input_dim)),
                               keras.layers.LSTM(layer.units, return_sequences=True),
                               keras.layers.Dense(dense.units)])

@@ -54,6 +54,7 @@ cell registers only a ``_LAYER_MATH`` function.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -62,7 +63,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from transforms.models import (ACTIVATIONS, EmbeddingLayer, GRULayer, LSTMLayer,
+from transforms.models import (ACTIVATIONS, MERGE_OPERATIONS, CausalConvLayer, DenseLayer,
+                               EmbeddingLayer, GRULayer, LayerNormLayer, LSTMLayer,
                                MaskingLayer, RecurrentStack, SimpleRNNLayer, StepFunctionLayer,
                                masks_inputs)
 
@@ -155,6 +157,68 @@ def _simple_rnn_cell(layer: SimpleRNNLayer, weights: Sequence[tf.Tensor], inputs
     return h, (h,)
 
 
+def _causal_conv_cell(layer: CausalConvLayer, weights: Sequence[tf.Tensor],
+                      inputs: tf.Tensor, states: Sequence[tf.Tensor]):
+    """One step of a causal convolution: the carried window of past inputs [B, W * D]
+    (oldest first) and this step's input [B, D] -> (output [B, filters], new window)."""
+    kernel, bias = weights
+    if not layer.window:
+        return _ACTIVATION_FUNCTIONS[layer.activation](tf.matmul(inputs, kernel[0]) + bias), ()
+    (window,) = states
+    seen = tf.concat([tf.reshape(window, [-1, layer.window, layer.input_dim]),
+                      inputs[:, None, :]], axis=1)
+    taps = seen[:, ::layer.dilation]  # [B, kernel_size, D], oldest tap first
+    output = tf.einsum("bkd,kdu->bu", taps, kernel) + bias
+    return (_ACTIVATION_FUNCTIONS[layer.activation](output),
+            (tf.reshape(seen[:, 1:], [-1, layer.window * layer.input_dim]),))
+
+
+def _project(values: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """values [..., D] @ kernel [D, U], for one step [B, D] or a window [B, T, D]."""
+    if values.shape.rank == 2:
+        return tf.matmul(values, kernel)
+    return tf.einsum("btd,du->btu", values, kernel)
+
+
+def _dense(layer: DenseLayer, weights: Sequence[tf.Tensor], values: Sequence[tf.Tensor]):
+    kernel, bias = weights
+    return _ACTIVATION_FUNCTIONS[layer.activation](_project(values[0], kernel) + bias)
+
+
+def _layer_norm(layer: LayerNormLayer, weights: Sequence[tf.Tensor],
+                values: Sequence[tf.Tensor]):
+    """Keras 3's arithmetic: x * inv + (beta - mean * inv), inv = gamma / std."""
+    gamma, beta = weights
+    (x,) = values
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    inv = tf.math.rsqrt(variance + layer.epsilon) * gamma
+    if layer.rms_scaling:
+        return x * inv
+    return x * inv + (beta - mean * inv)
+
+
+_MERGE_FUNCTIONS = {
+    "add": tf.add_n,
+    "subtract": lambda values: values[0] - values[1],
+    "multiply": lambda values: functools.reduce(tf.multiply, values),
+    "average": lambda values: tf.add_n(values) / len(values),
+    "maximum": lambda values: functools.reduce(tf.maximum, values),
+    "minimum": lambda values: functools.reduce(tf.minimum, values),
+    "concatenate": lambda values: tf.concat(values, axis=-1),
+}
+assert set(_MERGE_FUNCTIONS) == set(MERGE_OPERATIONS)
+
+# Each per-step (stateless) layer kind: (layer, weights, values it reads, each [B, D]
+# or [B, T, D]) -> its value, the same shape but for the last axis.
+_STEP_MATH = {
+    "dense": _dense,
+    "layer_norm": _layer_norm,
+    "activation": lambda layer, weights, values: _ACTIVATION_FUNCTIONS[layer.activation](
+        values[0]),
+    "merge": lambda layer, weights, values: _MERGE_FUNCTIONS[layer.operation](list(values)),
+}
+
+
 def _masked_loop(step: Callable, steps, lengths: tf.Tensor, states: tuple):
     """Run ``step(t, states) -> (output [B, U], states)`` for t in [0, max(lengths)).
 
@@ -236,12 +300,17 @@ def _step_function_layer(layer: StepFunctionLayer, weights: Sequence[tf.Tensor],
 
 # One step of each recurrent layer kind: (layer, weights, inputs [B, D], states) ->
 # (output [B, U], new states), states in the order of the layer's ``state_parts``.
-_CELL_MATH = {"lstm": _lstm_cell, "gru": _gru_cell, "simple_rnn": _simple_rnn_cell}
+_CELL_MATH = {"lstm": _lstm_cell, "gru": _gru_cell, "simple_rnn": _simple_rnn_cell,
+              "conv1d": _causal_conv_cell}
 # A window of each recurrent layer kind: (layer, weights, inputs [B, T, D],
 # mask [T, B, 1], states) -> (output sequence [B, T, U], new states).
 _LAYER_MATH = {"lstm": _layer_from_cell(_lstm_cell), "gru": _layer_from_cell(_gru_cell),
                "simple_rnn": _layer_from_cell(_simple_rnn_cell),
                "step_function": _step_function_layer}
+
+
+def _apply_with_mask(math: Callable, mask: tf.Tensor, layer, weights, inputs, states):
+    return math(layer, weights, inputs, mask, states)
 
 
 def _input_stage(layer: EmbeddingLayer | MaskingLayer | None, weights: Sequence[tf.Tensor],
@@ -321,12 +390,16 @@ class StepKernel:
         self._shapes: set[tuple[int, int, int]] = set()
         self._lock = threading.Lock()
         self._weights = [[tf.constant(w, tf.float32) for w in layer.weights()]
-                         for layer in stack.recurrent + stack.head]
+                         for layer in stack.layers]
         self._input_weights = [tf.constant(w, tf.float32) for w in
                                (stack.input_layer.weights() if stack.input_layer else ())]
         # The fused loop masks only where rows end; input masks need the layer path.
         self._fused = (all(layer.kind in _CELL_MATH for layer in stack.recurrent)
                        and not masks_inputs(stack.input_layer))
+        offsets = np.cumsum([0] + [len(layer.state_parts) for layer in stack.layers])
+        # Where each layer's state parts sit among the carried ones (none: per-step).
+        self._state_slices = [slice(offsets[k], offsets[k + 1])
+                              for k in range(len(stack.layers))]
         self._window = self._build(self.xla)
         if self.xla:
             self._decide_xla()
@@ -369,41 +442,36 @@ class StepKernel:
 
         return tf.function(window, autograph=False)
 
-    def _head(self, sequence: tf.Tensor) -> tf.Tensor:
-        for index, layer in enumerate(self.stack.head, start=len(self.stack.recurrent)):
-            kernel, bias = self._weights[index]
-            product = (tf.matmul(sequence, kernel) if sequence.shape.rank == 2
-                       else tf.einsum("btd,du->btu", sequence, kernel))
-            sequence = _ACTIVATION_FUNCTIONS[layer.activation](product + bias)
-        return sequence
+    def _graph(self, model_input: tf.Tensor, states: Sequence[tf.Tensor], layer_math: dict):
+        """The model's layers on ``model_input`` (one step [B, D], or a window [B, T, D]
+        with ``layer_math`` taking the mask), each reading the values it names; the
+        stateful ones through ``layer_math``. Returns (output, new states)."""
+        values, new_states = [model_input], []
+        for index, (layer, reads) in enumerate(zip(self.stack.layers, self.stack.inputs)):
+            read = [values[value] for value in reads]
+            if layer.kind in _STEP_MATH:
+                values.append(_STEP_MATH[layer.kind](layer, self._weights[index], read))
+                continue
+            value, layer_states = layer_math[layer.kind](
+                layer, self._weights[index], read[0],
+                tuple(states[self._state_slices[index]]))
+            values.append(value)
+            new_states += layer_states
+        return values[-1], tuple(new_states)
 
     def _shard_math(self, inputs, lengths, states):
         """One shard's window: inputs [B, W, D], lengths [B] -> outputs [B, W, out], states."""
-        layers = self.stack.recurrent
-        offsets = np.cumsum([0] + [len(layer.state_parts) for layer in layers])
         mask = tf.transpose(tf.sequence_mask(lengths, tf.shape(inputs)[1]))[:, :, None]
         inputs, mask = _input_stage(self.stack.input_layer, self._input_weights, inputs, mask)
         if self._fused:
             series = _time_major(inputs)
-
-            def step(t, states):
-                sequence, new_states = series[t], []
-                for index, layer in enumerate(layers):
-                    sequence, layer_states = _CELL_MATH[layer.kind](
-                        layer, self._weights[index], sequence,
-                        states[offsets[index]:offsets[index + 1]])
-                    new_states += layer_states
-                return self._head(sequence), tuple(new_states)
-
-            outputs, states = _masked_loop(step, inputs.shape[1], lengths, tuple(states))
+            outputs, states = _masked_loop(
+                lambda t, states: self._graph(series[t], states, _CELL_MATH),
+                inputs.shape[1], lengths, tuple(states))
             return _time_major(outputs.stack()), states
-        sequence, new_states = inputs, []
-        for index, layer in enumerate(layers):
-            sequence, layer_states = _LAYER_MATH[layer.kind](
-                layer, self._weights[index], sequence, mask,
-                tuple(states[offsets[index]:offsets[index + 1]]))
-            new_states += layer_states
-        return self._head(sequence), tuple(new_states)
+        with_mask = {kind: functools.partial(_apply_with_mask, math, mask)
+                     for kind, math in _LAYER_MATH.items()}
+        return self._graph(inputs, states, with_mask)
 
     def _layout(self, batch: int) -> tuple[int, int]:
         """(shards, rows per shard) for a batch of ``batch`` rows."""

@@ -28,21 +28,25 @@ from typing import Sequence
 
 import storage
 from transforms.models.checkpoints import checkpoint_prefix, object_graph
-from transforms.models.description import (ACTIVATIONS, STEP_SIGNATURE, DenseLayer,
-                                           EmbeddingLayer, GRULayer, LSTMLayer,
-                                           MaskingLayer, ModelError, ModelLoader,
-                                           ModelOptions, RecurrentStack, SimpleRNNLayer,
-                                           StepFunctionLayer, masks_inputs)
+from transforms.models.description import (ACTIVATIONS, MERGE_OPERATIONS, STEP_SIGNATURE,
+                                           ActivationLayer, CausalConvLayer, DenseLayer,
+                                           EmbeddingLayer, GRULayer, LayerNormLayer,
+                                           LSTMLayer, MaskingLayer, MergeLayer, ModelError,
+                                           ModelLoader, ModelOptions, RecurrentStack,
+                                           SimpleRNNLayer, StepFunctionLayer, masks_inputs)
 from transforms.models.keras_checkpoint import KerasCheckpointLoader
-from transforms.models.keras_file import KerasLoader, read_keras, stack_from_keras
+from transforms.models.keras_file import (KerasLoader, keras_operations, read_keras,
+                                          stack_from_keras)
 from transforms.models.saved_model import SavedModelLoader
 from transforms.models.tf1_checkpoint import TF1CheckpointLoader, stack_from_tf1
 
 __all__ = [
-    "ACTIVATIONS", "STEP_SIGNATURE", "LOADERS", "DenseLayer", "EmbeddingLayer",
-    "GRULayer", "KerasCheckpointLoader", "KerasLoader", "LSTMLayer", "MaskingLayer",
+    "ACTIVATIONS", "MERGE_OPERATIONS", "STEP_SIGNATURE", "LOADERS", "ActivationLayer",
+    "CausalConvLayer", "DenseLayer", "EmbeddingLayer", "GRULayer", "KerasCheckpointLoader",
+    "KerasLoader", "LSTMLayer", "LayerNormLayer", "MaskingLayer", "MergeLayer",
     "ModelError", "ModelLoader", "ModelOptions", "RecurrentStack", "SavedModelLoader",
-    "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "load_model",
+    "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "keras_operations",
+    "load_model",
     "masks_inputs", "object_graph", "read_keras", "stack_from_keras", "stack_from_tf1",
 ]
 

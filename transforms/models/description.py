@@ -75,12 +75,18 @@ class ModelOptions:
 class _Layer:
     """What every layer tells the stack: widths, weights and their expected shapes."""
     kind = ""
+    state_parts: tuple[str, ...] = ()  # none: a per-step layer
 
     def weights(self) -> tuple[np.ndarray, ...]:
         return ()
 
     def expected_shapes(self) -> tuple[tuple[int, ...], ...]:
         return ()
+
+    @property
+    def input_dims(self) -> tuple[int, ...]:
+        """The width of each value the layer reads (one, but for a merge)."""
+        return (self.input_dim,)
 
 
 class _KernelLayer(_Layer):
@@ -92,7 +98,7 @@ class _KernelLayer(_Layer):
 
 
 class _RecurrentLayer(_Layer):
-    state_parts: tuple[str, ...] = ()
+    """A layer that carries state from step to step."""
 
     def state_names(self, index: int) -> tuple[str, ...]:
         """Names of this layer's state parts as the ``index``-th recurrent layer."""
@@ -296,6 +302,141 @@ class DenseLayer(_KernelLayer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class CausalConvLayer(_RecurrentLayer):
+    """Keras ``Conv1D(padding="causal")``: the output at step t reads the inputs at
+    t - (kernel_size - 1 - j) * dilation for j < kernel_size (zeros before the
+    sequence starts). Its state is the window of its last
+    ``(kernel_size - 1) * dilation`` inputs, oldest first, flattened; so a chunk's
+    first steps see the previous chunk's last inputs, as the whole sequence would.
+
+    kernel [kernel_size, input_dim, filters], bias [filters]. A kernel of one step
+    carries nothing (no state part).
+    """
+    kernel: np.ndarray
+    bias: np.ndarray
+    dilation: int = 1
+    activation: str = "linear"
+
+    kind = "conv1d"
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.kernel.shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.kernel.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.kernel.shape[2])
+
+    @property
+    def window(self) -> int:
+        """How many past inputs the layer reads besides the current one."""
+        return (self.kernel_size - 1) * self.dilation
+
+    @property
+    def state_parts(self) -> tuple[str, ...]:
+        return ("window",) if self.window else ()
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return (self.window * self.input_dim,) if self.window else ()
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "kernel_size": self.kernel_size,
+                "dilation": self.dilation, "filters": self.output_dim,
+                "input_dim": self.input_dim, "activation": self.activation}
+
+    def weights(self) -> tuple[np.ndarray, ...]:
+        return (self.kernel, self.bias)
+
+    def expected_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.kernel_size, self.input_dim, self.output_dim), (self.output_dim,))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerNormLayer(_Layer):
+    """Keras ``LayerNormalization`` over the features of each step: with
+    ``rms_scaling``, x / rms(x - mean) * gamma; else (x - mean) / std * gamma + beta
+    (std = sqrt(variance + epsilon)). gamma and beta [input_dim] (ones and zeros when
+    the layer has no ``scale`` or ``center``)."""
+    gamma: np.ndarray
+    beta: np.ndarray
+    epsilon: float = 1e-3
+    rms_scaling: bool = False
+
+    kind = "layer_norm"
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.gamma.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "input_dim": self.input_dim, "epsilon": self.epsilon,
+                "rms_scaling": self.rms_scaling}
+
+    def weights(self) -> tuple[np.ndarray, ...]:
+        return (self.gamma, self.beta)
+
+    def expected_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.input_dim,), (self.input_dim,))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ActivationLayer(_Layer):
+    """An activation applied to every step (Keras ``Activation``)."""
+    activation: str
+    input_dim: int
+
+    kind = "activation"
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "input_dim": self.input_dim,
+                "activation": self.activation}
+
+
+MERGE_OPERATIONS = ("add", "subtract", "multiply", "average", "maximum", "minimum",
+                    "concatenate")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MergeLayer(_Layer):
+    """Several values of the same step combined (Keras ``Add``, ``Subtract``,
+    ``Multiply``, ``Average``, ``Maximum``, ``Minimum``, ``Concatenate`` on the
+    feature axis): skip connections of a functional model."""
+    operation: str
+    widths: tuple[int, ...]
+
+    kind = "merge"
+
+    @property
+    def input_dims(self) -> tuple[int, ...]:
+        return self.widths
+
+    @property
+    def input_dim(self) -> int:
+        return self.widths[0]
+
+    @property
+    def output_dim(self) -> int:
+        return sum(self.input_dims) if self.operation == "concatenate" else self.input_dim
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "operation": self.operation,
+                "input_dims": list(self.widths)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingLayer(_Layer):
     """Token ids to vectors, before the first recurrent layer (Keras ``Embedding``).
 
@@ -349,8 +490,15 @@ class MaskingLayer(_Layer):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RecurrentStack:
-    """A model as seqcarry runs it: an optional input layer, recurrent layers, then an
-    optional per-step head.
+    """A model as seqcarry runs it: an optional input layer, then ``layers`` (recurrent,
+    causal-convolution and per-step ones), each reading the values ``inputs`` names,
+    computed step by step; the last layer's value is the model's output.
+
+    Values are numbered: 0 is the model's input (after the input layer), k + 1 the
+    output of ``layers[k]``. ``inputs[k]`` lists the values ``layers[k]`` reads (more
+    than one only for a merge); every layer reads only earlier values, so the order
+    of ``layers`` computes them. ``inputs`` left empty means a chain: each layer reads
+    the one before it.
 
     ``source`` is ``format:path``, for messages; ``notes`` are what a loader wants
     people to know (e.g. checkpoint variables it did not use), shown by
@@ -361,8 +509,8 @@ class RecurrentStack:
     chunk's last one unless told otherwise (``--outputs-at``). None of these three is
     part of the fingerprint: they do not change what is computed.
     """
-    recurrent: tuple[_RecurrentLayer, ...]
-    head: tuple[DenseLayer, ...] = ()
+    layers: tuple[_Layer, ...]
+    inputs: tuple[tuple[int, ...], ...] = ()
     source: str = ""
     input_layer: EmbeddingLayer | MaskingLayer | None = None
     notes: tuple[str, ...] = ()
@@ -370,33 +518,65 @@ class RecurrentStack:
 
     def __post_init__(self) -> None:
         name = self.source or "model"
+        if not self.inputs:
+            object.__setattr__(self, "inputs", tuple((k,) for k in range(len(self.layers))))
+        if len(self.inputs) != len(self.layers):
+            raise ModelError(f"{name}: {len(self.layers)} layers but {len(self.inputs)} "
+                             "input lists")
         if not self.recurrent:
-            raise ModelError(f"{name}: no recurrent layer found")
-        layers = ((self.input_layer,) if self.input_layer else ()) + self.layers
-        width = layers[0].input_dim
-        for position, layer in enumerate(layers):
-            if layer.input_dim != width:
-                raise ModelError(f"{name}: layer {position} ({layer.kind}) takes width "
-                                 f"{layer.input_dim}, but receives {width}")
-            shapes = tuple(tuple(w.shape) for w in layer.weights())
-            if shapes != layer.expected_shapes():
-                raise ModelError(f"{name}: layer {position} ({layer.kind}) has weights of "
-                                 f"shapes {list(shapes)}; expected "
-                                 f"{list(layer.expected_shapes())}")
-            for attribute in ("activation", "recurrent_activation"):
-                activation = getattr(layer, attribute, "linear")
-                if activation not in ACTIVATIONS:
-                    raise ModelError(f"{name}: layer {position} uses {attribute}="
-                                     f"{activation!r}; supported: {', '.join(ACTIVATIONS)}")
-            width = layer.output_dim
-        if any(isinstance(layer, StepFunctionLayer) for layer in self.recurrent) and (
-                len(self.recurrent) > 1 or self.head or self.input_layer):
+            raise ModelError(f"{name}: no recurrent layer found (nor a causal convolution "
+                             "wider than one step): there is no state to carry")
+        widths = [(self.input_layer or self.layers[0]).input_dim]
+        if self.input_layer:
+            self._check_layer("input", self.input_layer, (widths[0],))
+            widths = [self.input_layer.output_dim]
+        for position, (layer, reads) in enumerate(zip(self.layers, self.inputs)):
+            if not reads or any(not 0 <= value <= position for value in reads):
+                raise ModelError(f"{name}: layer {position} ({layer.kind}) reads values "
+                                 f"{list(reads)}; only earlier ones (0..{position}) exist")
+            self._check_layer(str(position), layer, tuple(widths[value] for value in reads))
+            widths.append(layer.output_dim)
+        if any(isinstance(layer, StepFunctionLayer) for layer in self.layers) and (
+                len(self.layers) > 1 or self.input_layer):
             raise ModelError(f"{name}: a step function is a whole model on its own")
+        if masks_inputs(self.input_layer) and any(
+                isinstance(layer, CausalConvLayer) for layer in self.layers):
+            raise ModelError(f"{name}: a causal convolution after an input mask (Masking, "
+                             "Embedding(mask_zero=True)) is not supported: Keras' Conv1D "
+                             "ignores the mask, so masked steps would still fill its window")
+
+    def _check_layer(self, position: str, layer: _Layer, widths: tuple[int, ...]) -> None:
+        name = self.source or "model"
+        if widths != layer.input_dims:
+            received = widths[0] if len(widths) == 1 else list(widths)
+            expected = layer.input_dim if len(widths) == 1 else list(layer.input_dims)
+            raise ModelError(f"{name}: layer {position} ({layer.kind}) takes width "
+                             f"{expected}, but receives {received}")
+        if isinstance(layer, MergeLayer) and (
+                layer.operation not in MERGE_OPERATIONS or layer.operation != "concatenate"
+                and len(set(widths)) != 1):
+            raise ModelError(f"{name}: layer {position} ({layer.operation}) cannot merge "
+                             f"widths {list(widths)}")
+        shapes = tuple(tuple(w.shape) for w in layer.weights())
+        if shapes != layer.expected_shapes():
+            raise ModelError(f"{name}: layer {position} ({layer.kind}) has weights of "
+                             f"shapes {list(shapes)}; expected "
+                             f"{list(layer.expected_shapes())}")
+        for attribute in ("activation", "recurrent_activation"):
+            activation = getattr(layer, attribute, "linear")
+            if activation not in ACTIVATIONS:
+                raise ModelError(f"{name}: layer {position} uses {attribute}="
+                                 f"{activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
     @property
-    def layers(self) -> tuple[_Layer, ...]:
-        """Recurrent layers and head, in order (the input layer aside)."""
-        return self.recurrent + self.head
+    def recurrent(self) -> tuple[_RecurrentLayer, ...]:
+        """The layers that carry state, in order (recurrent and causal-convolution)."""
+        return tuple(layer for layer in self.layers if isinstance(layer, _RecurrentLayer))
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether each layer reads only the one before it."""
+        return self.inputs == tuple((k,) for k in range(len(self.layers)))
 
     @property
     def format(self) -> str:
@@ -404,7 +584,7 @@ class RecurrentStack:
 
     @property
     def input_dim(self) -> int:
-        return (self.input_layer or self.recurrent[0]).input_dim
+        return (self.input_layer or self.layers[0]).input_dim
 
     @property
     def output_dim(self) -> int:
@@ -418,7 +598,8 @@ class RecurrentStack:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        """Names of the carried state's parts, e.g. ``layer0_h``, ``layer0_c``, ``layer1_h``."""
+        """Names of the carried state's parts, e.g. ``layer0_h``, ``layer0_c``, ``layer1_h``
+        (numbered among the layers that carry state)."""
         return tuple(name for index, layer in enumerate(self.recurrent)
                      for name in layer.state_names(index))
 
@@ -432,24 +613,42 @@ class RecurrentStack:
         return tuple(np.zeros(size, np.float32) for size in self.state_sizes)
 
     def describe(self) -> dict:
-        """Architecture as plain data (also what the fingerprint hashes, with the weights)."""
-        described = {"recurrent": [layer.config() for layer in self.recurrent],
-                     "head": [layer.config() for layer in self.head]}
+        """Architecture as plain data (also what the fingerprint hashes, with the weights).
+
+        A chain of recurrent layers then dense ones is described as it always was
+        (``recurrent`` and ``head``), so the fingerprints of such models, and the state
+        carried under them, stay valid."""
+        recurrent = len(self.recurrent)
+        if self.is_chain and all(isinstance(layer, (LSTMLayer, GRULayer, SimpleRNNLayer,
+                                                    StepFunctionLayer))
+                                 for layer in self.layers[:recurrent]) and all(
+                isinstance(layer, DenseLayer) for layer in self.layers[recurrent:]):
+            described = {"recurrent": [layer.config() for layer in self.layers[:recurrent]],
+                         "head": [layer.config() for layer in self.layers[recurrent:]]}
+        else:
+            described = {"layers": [layer.config() for layer in self.layers],
+                         "inputs": [list(reads) for reads in self.inputs]}
         if self.input_layer:  # absent otherwise, so older fingerprints stay valid
             described["input"] = self.input_layer.config()
         return described
 
     def summary(self) -> dict:
         """What ``seqcarry inspect-model`` shows: format, layers, widths, state, fingerprint."""
-        layers = ((("input", self.input_layer),) if self.input_layer else ()) + tuple(
-            (str(index), layer) for index, layer in enumerate(self.recurrent)) + tuple(
-            ("head", layer) for layer in self.head)
+        entries = [{"position": "input", **self.input_layer.config(),
+                    "input_dim": self.input_layer.input_dim,
+                    "output_dim": self.input_layer.output_dim}] if self.input_layer else []
+        for position, (layer, reads) in enumerate(zip(self.layers, self.inputs)):
+            entry = {"position": str(position), **layer.config(),
+                     "input_dim": layer.input_dim, "output_dim": layer.output_dim}
+            if not self.is_chain:
+                entry["reads"] = ["input" if value == 0 else f"layer {value - 1}"
+                                  for value in reads]
+            entries.append(entry)
         states = dict(zip(self.state_names, self.state_sizes))
         return {
             "format": self.format, "source": self.source.partition(":")[2],
             "input_width": self.input_dim, "output_width": self.output_dim,
-            "layers": [{"position": position, **layer.config(), "input_dim": layer.input_dim,
-                        "output_dim": layer.output_dim} for position, layer in layers],
+            "layers": entries,
             "state_parts": states,
             "state_floats_per_sequence": sum(states.values()),
             "sequence_output": self.sequence_output,

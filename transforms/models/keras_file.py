@@ -10,72 +10,181 @@ from typing import Any
 
 import numpy as np
 
-from transforms.models.description import (DenseLayer, EmbeddingLayer, GRULayer, LSTMLayer,
-                                           MaskingLayer, ModelError, ModelLoader,
-                                           ModelOptions, RecurrentStack, SimpleRNNLayer,
-                                           masks_inputs)
+from transforms.models.description import (ActivationLayer, CausalConvLayer, DenseLayer,
+                                           EmbeddingLayer, GRULayer, LayerNormLayer,
+                                           LSTMLayer, MaskingLayer, MergeLayer, ModelError,
+                                           ModelLoader, ModelOptions, RecurrentStack,
+                                           SimpleRNNLayer, masks_inputs)
 
 # Layers whose output at a step depends on later steps: a chunk's later steps have not
 # arrived when it is computed.
 _NON_CAUSAL = ("Bidirectional", "Attention", "AdditiveAttention", "MultiHeadAttention",
                "GroupedQueryAttention", "GlobalAveragePooling1D", "GlobalMaxPooling1D")
-_IDENTITY_AT_INFERENCE = ("InputLayer", "Dropout", "GaussianNoise", "GaussianDropout")
-_KERAS_SUPPORTED = ("stacked LSTM/GRU/SimpleRNN(return_sequences=True) layers, optionally "
-                    "after one "
-                    "Masking or Embedding layer and followed by Dense layers")
+_IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
+                          "AlphaDropout", "ActivityRegularization")
+_RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
+           "Average": "average", "Maximum": "maximum", "Minimum": "minimum",
+           "Concatenate": "concatenate"}
+_KERAS_SUPPORTED = ("causal layers computed step by step: LSTM/GRU/SimpleRNN "
+                    "(go_backwards=False), Conv1D(padding='causal'), Dense, "
+                    "LayerNormalization, Activation, Dropout and the merges "
+                    f"{'/'.join(_MERGES)}, after an optional Masking or Embedding input")
+
+
+def keras_operations(model: Any) -> list[tuple[Any, list[Any], Any]]:
+    """The operations computing a one-input, one-output Keras model (``Sequential`` or
+    functional), in an order that computes each value before it is read:
+    ``(layer, its input tensors, its output tensor)``, from the model's own graph (a
+    layer called twice appears twice)."""
+    import keras  # deferred: importing Keras costs seconds
+
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelError("the model must have one input and one output")
+    done: dict[int, Any] = {id(model.inputs[0]): model.inputs[0]}
+    order: list[tuple[Any, list[Any], Any]] = []
+    pending = [(model.outputs[0], False)]
+    while pending:  # a depth-first walk from the output, without recursion limits
+        tensor, inputs_done = pending.pop()
+        if id(tensor) in done:
+            continue
+        layer, node_index, tensor_index = tensor._keras_history
+        node = layer._inbound_nodes[node_index]
+        # The values a layer computes on; keyword tensors are masks Keras passes along.
+        arguments = [t for t in keras.tree.flatten(node.arguments.args)
+                     if isinstance(t, keras.KerasTensor)]
+        if inputs_done:
+            if tensor_index:
+                raise ModelError(f"layer {layer.name!r} ({type(layer).__name__}): only a "
+                                 "layer's first output can be used (not return_state)")
+            if set(node.arguments.kwargs) - {"mask", "training"}:
+                raise ModelError(f"layer {layer.name!r} ({type(layer).__name__}) is called "
+                                 f"with {sorted(node.arguments.kwargs)}: only plain calls "
+                                 "on the previous layers' outputs are supported")
+            done[id(tensor)] = tensor
+            order.append((layer, arguments, tensor))
+            continue
+        pending.append((tensor, True))
+        # Reversed, so a merge's first input is computed first, as Keras orders them.
+        pending += [(t, False) for t in reversed(arguments) if id(t) not in done]
+    return order
 
 
 def stack_from_keras(model: Any, source: str) -> RecurrentStack:
-    """A Keras 3 model (a chain of layers) as a :class:`RecurrentStack`, or a
-    :class:`ModelError` naming the first layer that cannot run on chunks."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ModelError(f"{source}: the model must have one input and one output")
-    input_layer, recurrent, head = None, [], []
-    for layer in model.layers:
+    """A Keras 3 model (``Sequential`` or functional, one input and one output) as a
+    :class:`RecurrentStack`, or a :class:`ModelError` naming the first layer that
+    cannot run on chunks."""
+    try:
+        operations = keras_operations(model)
+    except ModelError as error:
+        raise ModelError(f"{source}: {error}") from None
+    model_input = model.inputs[0]
+    # Each Keras tensor's value number (see RecurrentStack), and whether it still has a
+    # time axis (False after a recurrent layer with return_sequences=False).
+    values: dict[int, tuple[int, bool]] = {id(model_input): (0, True)}
+    input_layer, layers, inputs, raw_readers = None, [], [], []
+    for layer, tensors, output in operations:
         kind = type(layer).__name__
         if kind == "TimeDistributed" and type(layer.layer).__name__ == "Dense":
             layer, kind = layer.layer, "Dense"
-        config = layer.get_config()
+        reads = [values[id(tensor)] for tensor in tensors]
+        if any(tensor is model_input for tensor in tensors) and kind not in (
+                "Masking", "Embedding"):
+            raw_readers.append(layer.name)
         if kind in _IDENTITY_AT_INFERENCE:
+            values[id(output)] = reads[0]
             continue
         if kind in ("Masking", "Embedding"):
-            if input_layer or recurrent or head:
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} must be the "
-                                 "model's first layer")
+            if input_layer or tensors[0] is not model_input:
+                raise ModelError(f"{source}: layer {layer.name!r} of type {kind} must be "
+                                 "the model's first layer")
+            config = layer.get_config()
             input_layer = (MaskingLayer(float(config["mask_value"]), model.input_shape[-1])
                            if kind == "Masking" else
                            EmbeddingLayer(np.asarray(layer.embeddings), config["mask_zero"]))
-        elif kind in ("LSTM", "GRU", "SimpleRNN"):
-            if head:
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} after a Dense "
-                                 "layer; dense layers are only supported as a per-step head")
-            if not config["return_sequences"] or config["go_backwards"]:
-                hint = ("" if config["go_backwards"] else
-                        "; for a classifier (a last-step output), save the same layers "
-                        "and weights with return_sequences=True: each chunk's output at "
-                        "its last step is then what the classifier says there")
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} must have "
-                                 f"return_sequences=True and go_backwards=False{hint}")
-            if config.get("zero_output_for_mask") and masks_inputs(input_layer):
-                raise ModelError(f"{source}: {kind} layer {layer.name!r} has "
-                                 "zero_output_for_mask=True; with a mask only the Keras "
-                                 "default (repeat the previous output) is supported")
-            recurrent.append(_keras_recurrent(kind, layer, config))
-        elif kind == "Dense":
-            kernel, *bias = layer.get_weights()
-            head.append(DenseLayer(
-                kernel, bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
-                config["activation"]))
-        elif kind in _NON_CAUSAL:
-            raise ModelError(
-                f"{source}: layer {layer.name!r} of type {kind} is not supported: it is not "
-                "causal (its output at a step depends on later steps, which a chunked "
-                f"run has not seen yet); a model must be {_KERAS_SUPPORTED}")
-        else:
-            raise ModelError(f"{source}: layer {layer.name!r} of type {kind} is not "
-                             f"supported; a model must be {_KERAS_SUPPORTED}")
-    return RecurrentStack(tuple(recurrent), tuple(head), source=source,
-                          input_layer=input_layer)
+            values[id(output)] = (0, True)
+            continue
+        converted, sequence = _convert(layer, kind, [sequence for _, sequence in reads],
+                                       input_layer, source)
+        layers.append(converted)
+        inputs.append(tuple(value for value, _ in reads))
+        values[id(output)] = (len(layers), sequence)
+    if input_layer and raw_readers:
+        raise ModelError(f"{source}: layer {raw_readers[0]!r} reads the model's input "
+                         f"beside its {input_layer.kind} layer; only that layer may")
+    output_value, sequence_output = values[id(model.outputs[0])]
+    if not layers or output_value != len(layers):
+        raise ModelError(f"{source}: no layer computes the model's output")
+    return RecurrentStack(tuple(layers), tuple(inputs), source=source,
+                          input_layer=input_layer, sequence_output=sequence_output)
+
+
+def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, source: str
+             ) -> tuple[Any, bool]:
+    """One Keras layer in seqcarry's layout, and whether its output has a time axis."""
+    config = layer.get_config()
+    name = f"{source}: layer {layer.name!r} of type {kind}"
+    if kind in _RECURRENT + ("Conv1D",) and not sequences[0]:
+        raise ModelError(f"{name} reads one vector per sequence, not a sequence")
+    if kind in _MERGES and len(set(sequences)) > 1:
+        raise ModelError(f"{name} merges per-step values with one-per-sequence ones "
+                         "(the output of a return_sequences=False layer)")
+    if kind in _RECURRENT:
+        if config["go_backwards"]:
+            raise ModelError(f"{name} must have go_backwards=False: it reads the sequence "
+                             "from its end, which a chunked run has not seen yet")
+        if config.get("zero_output_for_mask") and masks_inputs(input_layer):
+            raise ModelError(f"{name} has zero_output_for_mask=True; with a mask only the "
+                             "Keras default (repeat the previous output) is supported")
+        return _keras_recurrent(kind, layer, config), bool(config["return_sequences"])
+    if kind == "Conv1D":
+        return _causal_conv(layer, config, name), True
+    if kind == "Dense":
+        kernel, *bias = layer.get_weights()
+        return DenseLayer(kernel, bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
+                          config["activation"]), sequences[0]
+    if kind == "LayerNormalization":
+        axis = config["axis"]
+        rank = len(layer.input.shape)
+        if (axis if isinstance(axis, int) else tuple(axis)) not in (-1, rank - 1, (-1,),
+                                                                     (rank - 1,)):
+            raise ModelError(f"{name} normalizes over axis {axis}; only the feature axis "
+                             "(-1) is computed step by step")
+        width = int(layer.input.shape[-1])
+        weights = list(layer.get_weights())
+        gamma = weights.pop(0) if config["scale"] else np.ones(width, np.float32)
+        beta = (weights.pop(0) if config["center"] and not config.get("rms_scaling")
+                else np.zeros(width, np.float32))
+        return LayerNormLayer(gamma, beta, float(config["epsilon"]),
+                              bool(config.get("rms_scaling"))), sequences[0]
+    if kind == "Activation":
+        return ActivationLayer(config["activation"], int(layer.input.shape[-1])), sequences[0]
+    if kind in _MERGES:
+        if kind == "Concatenate" and config["axis"] not in (-1, len(layer.input[0].shape) - 1):
+            raise ModelError(f"{name} concatenates on axis {config['axis']}; only the "
+                             "feature axis (-1) is computed step by step")
+        return MergeLayer(_MERGES[kind], tuple(int(t.shape[-1]) for t in layer.input)
+                          ), sequences[0]
+    if kind in _NON_CAUSAL:
+        raise ModelError(f"{name} is not supported: it is not causal (its output at a step "
+                         "depends on later steps, which a chunked run has not seen yet); a "
+                         f"model must be made of {_KERAS_SUPPORTED}")
+    raise ModelError(f"{name} is not supported; a model must be made of {_KERAS_SUPPORTED}")
+
+
+def _causal_conv(layer: Any, config: dict, name: str) -> CausalConvLayer:
+    kernel, *bias = layer.get_weights()
+    (dilation,), (stride,) = config["dilation_rate"], config["strides"]
+    if config["padding"] != "causal" and kernel.shape[0] > 1:
+        raise ModelError(f"{name} has padding={config['padding']!r}: its output at a step "
+                         "reads later steps (or shortens the sequence); only "
+                         "padding='causal' runs on chunks")
+    if stride != 1 or config.get("groups", 1) != 1 or config.get(
+            "data_format", "channels_last") != "channels_last":
+        raise ModelError(f"{name} must have strides=1, groups=1 and channels_last data: "
+                         "one output per input step")
+    return CausalConvLayer(kernel, bias[0] if bias else np.zeros(kernel.shape[2], np.float32),
+                           int(dilation), config["activation"])
 
 
 def _keras_recurrent(kind: str, layer: Any, config: dict

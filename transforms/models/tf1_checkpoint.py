@@ -94,7 +94,7 @@ def stack_from_tf1(shapes: Mapping[str, Sequence[int]], read: Callable[[str], np
                            else np.zeros(kernel.shape[-1], np.float32)),)
     unused = variables.unused()
     notes = (f"variables not used: {_listing(unused)}",) if unused else ()
-    return RecurrentStack(tuple(layers), head, source=source, notes=notes)
+    return RecurrentStack(tuple(layers) + head, source=source, notes=notes)
 
 
 class _Variables:
