@@ -136,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         "outputs", "the committed per-step outputs of sequences across runs, in order",
         "Read the per-step outputs every committed run wrote (through the manifests, so "
         "only committed files, checksums checked, whatever layout they were written in), "
-        "one row per step in step order: sequence_id, step (its place in the whole "
-        "sequence), chunk_index, run_id, output_0 ... Without --to, CSV on stdout.",
+        "one row per step in step order (per chunk, at its last step, for runs with "
+        "--outputs-at last): sequence_id, step (its place in the whole sequence), "
+        "chunk_index, run_id, output_0 ... Without --to, CSV on stdout.",
         "seqcarry outputs --state build/demo/state --sequence seq-00007\n"
         "  seqcarry outputs --state gs://b/state --run-id 2026-11-25 --to day.parquet")
     outputs.add_argument("--sequence", nargs="+", default=None, metavar="ID",
@@ -297,14 +298,17 @@ def _model_text(summary: dict) -> str:
              f"input width: {summary['input_width']}",
              f"output width: {summary['output_width']}", "layers:"]
     for layer in summary["layers"]:
-        details = ", ".join(f"{key} {value}" for key, value in layer.items()
-                            if key not in shown_apart)
+        details = ", ".join(f"{key} {', '.join(value) if key == 'reads' else value}"
+                            for key, value in layer.items() if key not in shown_apart)
         lines.append(f"  {layer['position']:<5} {layer['kind']:<13} "
                      f"{layer['input_dim']} -> {layer['output_dim']}: {details}")
     states = summary["state_parts"]
     lines.append(f"state per sequence: {summary['state_floats_per_sequence']} float32 "
                  f"({4 * summary['state_floats_per_sequence']} bytes): "
                  + ", ".join(f"{name} {size}" for name, size in states.items()))
+    if not summary["sequence_output"]:
+        lines.append("outputs: one per sequence (a classifier); computed at every step, "
+                     "as if the sequence ended there")
     lines.append(f"fingerprint: {summary['fingerprint']}")
     lines += [f"note: {note}" for note in summary["notes"]]
     return "\n".join(lines)

@@ -319,8 +319,10 @@ def _input_stage(layer: EmbeddingLayer | MaskingLayer | None, weights: Sequence[
     (``Masking``; ``Embedding(mask_zero=True)``) added to ``mask`` [T, B, 1]; masked
     steps leave every layer's state unchanged."""
     if isinstance(layer, MaskingLayer):
-        keep = tf.reduce_any(tf.not_equal(inputs, layer.mask_value), axis=-1)
-        return inputs, mask & tf.transpose(keep)[:, :, None]
+        keep = tf.reduce_any(tf.not_equal(inputs, layer.mask_value), axis=-1, keepdims=True)
+        # Keras' Masking also zeroes the masked steps (seen by skip connections).
+        return (inputs * tf.cast(keep, inputs.dtype),
+                mask & tf.transpose(keep, [1, 0, 2]))
     if isinstance(layer, EmbeddingLayer):
         ids = tf.cast(inputs[:, :, 0], tf.int32)  # validated on read: whole, in range
         if layer.mask_zero:

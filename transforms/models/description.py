@@ -77,6 +77,10 @@ class _Layer:
     kind = ""
     state_parts: tuple[str, ...] = ()  # none: a per-step layer
 
+    def state_names(self, position: int) -> tuple[str, ...]:
+        """Names of this layer's state parts as the model's ``position``-th layer."""
+        return tuple(f"layer{position}_{part}" for part in self.state_parts)
+
     def weights(self) -> tuple[np.ndarray, ...]:
         return ()
 
@@ -99,10 +103,6 @@ class _KernelLayer(_Layer):
 
 class _RecurrentLayer(_Layer):
     """A layer that carries state from step to step."""
-
-    def state_names(self, index: int) -> tuple[str, ...]:
-        """Names of this layer's state parts as the ``index``-th recurrent layer."""
-        return tuple(f"layer{index}_{part}" for part in self.state_parts)
 
 
 class _HiddenStateLayer(_RecurrentLayer, _KernelLayer):
@@ -263,7 +263,7 @@ class StepFunctionLayer(_RecurrentLayer):
     def state_parts(self) -> tuple[str, ...]:
         return self.names
 
-    def state_names(self, index: int) -> tuple[str, ...]:
+    def state_names(self, position: int) -> tuple[str, ...]:
         return self.names
 
     def config(self) -> dict:
@@ -474,7 +474,8 @@ class EmbeddingLayer(_Layer):
 class MaskingLayer(_Layer):
     """Keras ``Masking``: a step whose features all equal ``mask_value`` leaves every
     layer's state unchanged and repeats the previous output (Keras' semantics, which
-    chunking does not change, since the previous output is the carried h)."""
+    chunking does not change, since the previous output is the carried h); its
+    features read as zeros (what a skip connection from the input sees)."""
     mask_value: float
     input_dim: int
 
@@ -570,8 +571,9 @@ class RecurrentStack:
 
     @property
     def recurrent(self) -> tuple[_RecurrentLayer, ...]:
-        """The layers that carry state, in order (recurrent and causal-convolution)."""
-        return tuple(layer for layer in self.layers if isinstance(layer, _RecurrentLayer))
+        """The layers that carry state, in order (recurrent layers, and causal
+        convolutions wider than one step)."""
+        return tuple(layer for layer in self.layers if layer.state_parts)
 
     @property
     def is_chain(self) -> bool:
@@ -599,9 +601,9 @@ class RecurrentStack:
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the carried state's parts, e.g. ``layer0_h``, ``layer0_c``, ``layer1_h``
-        (numbered among the layers that carry state)."""
-        return tuple(name for index, layer in enumerate(self.recurrent)
-                     for name in layer.state_names(index))
+        (numbered by the layer's position)."""
+        return tuple(name for position, layer in enumerate(self.layers)
+                     for name in layer.state_names(position))
 
     @property
     def state_sizes(self) -> tuple[int, ...]:
