@@ -53,7 +53,16 @@ def graph_model(kind, seed=0):
     elif kind == "dense_first":
         projected = L.Activation("swish")(L.Dense(6)(inputs))
         outputs = L.Dense(2)(L.LSTM(4, return_sequences=True)(projected))
-    return randomized(keras.Model(inputs, outputs), seed)
+    elif kind == "normalizations":
+        normalized = L.BatchNormalization()(L.Dense(6)(inputs))
+        recurrent = L.LSTM(4, return_sequences=True)(L.ReLU()(normalized))
+        outputs = L.Softmax()(L.Dense(3)(L.ELU()(recurrent)))
+    model = randomized(keras.Model(inputs, outputs), seed)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):  # a variance is positive
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([gamma, beta, mean, np.abs(variance) + 0.1])
+    return model
 
 
 def keras_input(kind, features):
@@ -61,7 +70,7 @@ def keras_input(kind, features):
 
 
 @pytest.mark.parametrize("kind", ["skip_connections", "causal_conv", "masked", "embedding",
-                                  "dense_first"])
+                                  "dense_first", "normalizations"])
 def test_graph_models_in_chunks_match_keras_on_the_whole_sequence(tmp_path, kind):
     model = graph_model(kind)
     path = str(tmp_path / f"{kind}.keras")

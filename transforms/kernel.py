@@ -63,7 +63,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from transforms.models import (ACTIVATIONS, MERGE_OPERATIONS, CausalConvLayer, DenseLayer,
+from transforms.models import (ACTIVATIONS, MERGE_OPERATIONS, BatchNormLayer, CausalConvLayer,
+                               DenseLayer,
                                EmbeddingLayer, GRULayer, LayerNormLayer, LSTMLayer,
                                MaskingLayer, RecurrentStack, SimpleRNNLayer, StepFunctionLayer,
                                masks_inputs)
@@ -197,6 +198,12 @@ def _layer_norm(layer: LayerNormLayer, weights: Sequence[tf.Tensor],
     return x * inv + (beta - mean * inv)
 
 
+def _batch_norm(layer: BatchNormLayer, weights: Sequence[tf.Tensor],
+                values: Sequence[tf.Tensor]):
+    mean, variance, gamma, beta = weights
+    return tf.nn.batch_normalization(values[0], mean, variance, beta, gamma, layer.epsilon)
+
+
 _MERGE_FUNCTIONS = {
     "add": tf.add_n,
     "subtract": lambda values: values[0] - values[1],
@@ -213,6 +220,7 @@ assert set(_MERGE_FUNCTIONS) == set(MERGE_OPERATIONS)
 _STEP_MATH = {
     "dense": _dense,
     "layer_norm": _layer_norm,
+    "batch_norm": _batch_norm,
     "activation": lambda layer, weights, values: _ACTIVATION_FUNCTIONS[layer.activation](
         values[0]),
     "merge": lambda layer, weights, values: _MERGE_FUNCTIONS[layer.operation](list(values)),

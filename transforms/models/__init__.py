@@ -29,7 +29,8 @@ from typing import Sequence
 import storage
 from transforms.models.checkpoints import checkpoint_prefix, object_graph
 from transforms.models.description import (ACTIVATIONS, MERGE_OPERATIONS, STEP_SIGNATURE,
-                                           ActivationLayer, CausalConvLayer, DenseLayer,
+                                           ActivationLayer, BatchNormLayer, CausalConvLayer,
+                                           DenseLayer,
                                            EmbeddingLayer, GRULayer, LayerNormLayer,
                                            LSTMLayer, MaskingLayer, MergeLayer, ModelError,
                                            ModelLoader, ModelOptions, RecurrentStack,
@@ -42,7 +43,7 @@ from transforms.models.tf1_checkpoint import TF1CheckpointLoader, stack_from_tf1
 
 __all__ = [
     "ACTIVATIONS", "MERGE_OPERATIONS", "STEP_SIGNATURE", "LOADERS", "ActivationLayer",
-    "CausalConvLayer", "DenseLayer", "EmbeddingLayer", "GRULayer", "KerasCheckpointLoader",
+    "BatchNormLayer", "CausalConvLayer", "DenseLayer", "EmbeddingLayer", "GRULayer", "KerasCheckpointLoader",
     "KerasLoader", "LSTMLayer", "LayerNormLayer", "MaskingLayer", "MergeLayer",
     "ModelError", "ModelLoader", "ModelOptions", "RecurrentStack", "SavedModelLoader",
     "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "keras_operations",

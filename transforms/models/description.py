@@ -389,6 +389,37 @@ class LayerNormLayer(_Layer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class BatchNormLayer(_Layer):
+    """Keras ``BatchNormalization`` at inference, over the features of each step:
+    (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta, all [input_dim]
+    (gamma and beta ones and zeros when the layer has no ``scale`` or ``center``)."""
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    epsilon: float = 1e-3
+
+    kind = "batch_norm"
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.moving_mean.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "input_dim": self.input_dim, "epsilon": self.epsilon}
+
+    def weights(self) -> tuple[np.ndarray, ...]:
+        return (self.moving_mean, self.moving_variance, self.gamma, self.beta)
+
+    def expected_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.input_dim,),) * 4
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class ActivationLayer(_Layer):
     """An activation applied to every step (Keras ``Activation``)."""
     activation: str

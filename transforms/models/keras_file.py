@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from transforms.models.description import (ActivationLayer, CausalConvLayer, DenseLayer,
+from transforms.models.description import (ActivationLayer, BatchNormLayer, CausalConvLayer,
+                                           DenseLayer,
                                            EmbeddingLayer, GRULayer, LayerNormLayer,
                                            LSTMLayer, MaskingLayer, MergeLayer, ModelError,
                                            ModelLoader, ModelOptions, RecurrentStack,
@@ -23,12 +24,16 @@ _NON_CAUSAL = ("Bidirectional", "Attention", "AdditiveAttention", "MultiHeadAtte
 _IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
                           "AlphaDropout", "ActivityRegularization")
 _RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+# Activation layers that are one of the kernel's activations with these settings.
+_ACTIVATION_LAYERS = {"ReLU": {"max_value": None, "negative_slope": 0.0, "threshold": 0.0},
+                      "Softmax": {"axis": -1}, "ELU": {"alpha": 1.0}}
 _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
            "Average": "average", "Maximum": "maximum", "Minimum": "minimum",
            "Concatenate": "concatenate"}
 _KERAS_SUPPORTED = ("causal layers computed step by step: LSTM/GRU/SimpleRNN "
                     "(go_backwards=False), Conv1D(padding='causal'), Dense, "
-                    "LayerNormalization, Activation, Dropout and the merges "
+                    "LayerNormalization, BatchNormalization, Activation/ReLU/Softmax/ELU, "
+                    "Dropout and the merges "
                     f"{'/'.join(_MERGES)}, after an optional Masking or Embedding input")
 
 
@@ -144,12 +149,7 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
         return DenseLayer(kernel, bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
                           config["activation"]), sequences[0]
     if kind == "LayerNormalization":
-        axis = config["axis"]
-        rank = len(layer.input.shape)
-        if (axis if isinstance(axis, int) else tuple(axis)) not in (-1, rank - 1, (-1,),
-                                                                     (rank - 1,)):
-            raise ModelError(f"{name} normalizes over axis {axis}; only the feature axis "
-                             "(-1) is computed step by step")
+        _feature_axis(config["axis"], len(layer.input.shape), name)
         width = int(layer.input.shape[-1])
         weights = list(layer.get_weights())
         gamma = weights.pop(0) if config["scale"] else np.ones(width, np.float32)
@@ -157,8 +157,19 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
                 else np.zeros(width, np.float32))
         return LayerNormLayer(gamma, beta, float(config["epsilon"]),
                               bool(config.get("rms_scaling"))), sequences[0]
-    if kind == "Activation":
-        return ActivationLayer(config["activation"], int(layer.input.shape[-1])), sequences[0]
+    if kind == "BatchNormalization":
+        _feature_axis(config["axis"], len(layer.input.shape), name)
+        width = int(layer.input.shape[-1])
+        weights = list(layer.get_weights())
+        gamma = weights.pop(0) if config["scale"] else np.ones(width, np.float32)
+        beta = weights.pop(0) if config["center"] else np.zeros(width, np.float32)
+        mean, variance = weights
+        return BatchNormLayer(mean, variance, gamma, beta, float(config["epsilon"])
+                              ), sequences[0]
+    if kind == "Activation" or _ACTIVATION_LAYERS.get(kind) == {
+            key: config.get(key) for key in _ACTIVATION_LAYERS.get(kind, ())}:
+        activation = config["activation"] if kind == "Activation" else kind.lower()
+        return ActivationLayer(activation, int(layer.input.shape[-1])), sequences[0]
     if kind in _MERGES:
         if kind == "Concatenate" and config["axis"] not in (-1, len(layer.input[0].shape) - 1):
             raise ModelError(f"{name} concatenates on axis {config['axis']}; only the "
@@ -167,9 +178,19 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
                           ), sequences[0]
     if kind in _NON_CAUSAL:
         raise ModelError(f"{name} is not supported: it is not causal (its output at a step "
-                         "depends on later steps, which a chunked run has not seen yet); a "
-                         f"model must be made of {_KERAS_SUPPORTED}")
+                         "depends on later steps, which a chunked run has not seen yet). "
+                         "Train a causal model instead (forward recurrent layers, "
+                         "Conv1D(padding='causal')), or run whole sequences at once "
+                         f"without seqcarry; a model must be made of {_KERAS_SUPPORTED}")
     raise ModelError(f"{name} is not supported; a model must be made of {_KERAS_SUPPORTED}")
+
+
+def _feature_axis(axis: int | list[int], rank: int, name: str) -> None:
+    """Refuse a normalization over another axis than the features (time, or several)."""
+    if (axis if isinstance(axis, int) else tuple(axis)) not in (-1, rank - 1, (-1,),
+                                                                 (rank - 1,)):
+        raise ModelError(f"{name} normalizes over axis {axis}; only the feature axis "
+                         "(-1) is computed step by step")
 
 
 def _causal_conv(layer: Any, config: dict, name: str) -> CausalConvLayer:
