@@ -134,6 +134,34 @@ def kernel_rate(model_path: str, features: np.ndarray) -> float:
     return features.shape[0] * STEPS / timed(run)
 
 
+def recurrent_matmul_rate(batch: int = KERAS_BATCH, steps: int = 2048) -> float:
+    """The machine's ceiling for this LSTM: row-steps per second of its matrix products
+    alone, ``[x_t, h] @ W`` ([batch, input + units] @ [input + units, 4 * units]) with
+    h fed back (so, like the LSTM, each step waits for the one before), in one XLA loop
+    on all cores."""
+    import tensorflow as tf
+
+    weights = tf.constant(np.random.default_rng(1).normal(
+        0, 0.05, (INPUT_DIM + UNITS, 4 * UNITS)).astype(np.float32))
+    inputs = tf.constant(np.random.default_rng(2).normal(
+        size=(batch, INPUT_DIM)).astype(np.float32))
+
+    @tf.function(jit_compile=True)
+    def chain(h):
+        def body(t, h):
+            return t + 1, tf.matmul(tf.concat([inputs, h], 1), weights)[:, :UNITS]
+        return tf.while_loop(lambda t, _: t < steps, body, (tf.constant(0), h))[1]
+
+    h = tf.zeros((batch, UNITS))
+    chain(h).numpy()  # compile outside the timing
+    return batch * steps / timed(lambda: chain(h).numpy())
+
+
+def flops_per_step() -> int:
+    """Multiply-adds x 2 of one row-step of the bench model (LSTM and Dense)."""
+    return 2 * (INPUT_DIM + UNITS) * 4 * UNITS + 2 * UNITS * OUTPUTS
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +182,7 @@ def main(argv=None) -> dict:
     rates["b_keras"] = keras_rate(model_path, features)
     rates["c_seed"] = seed_rate(model_path, features)
     rates["d_kernel"] = kernel_rate(model_path, features)
+    ceiling = recurrent_matmul_rate()
     incremental = scaling.incremental(args.workdir, model_path, INPUT_DIM)
     memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
                             max(32, int(MEMORY_SEQUENCES * args.scale)), MEMORY_STEPS)
@@ -162,7 +191,7 @@ def main(argv=None) -> dict:
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
               "d/b": rates["d_kernel"] / rates["b_keras"]}
-    targets = {"a/b": 0.7, "a/c": 15.0, "d/b": 1.6}
+    targets = {"a/b": 1.0, "a/c": 15.0, "d/b": 2.5}  # issue 18
     print(f"\n{'way':<12}{'steps/s':>14}")
     for name, rate in rates.items():
         print(f"{name:<12}{rate:>14,.0f}")
@@ -170,6 +199,10 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"{name:<8}{value:>10.2f}{targets[name]:>9.1f}"
               f"{'' if value >= targets[name] else '   (missed)'}")
+    gflops = rates["d_kernel"] * flops_per_step() / 1e9
+    print(f"\nkernel: {gflops:.0f} GFLOP/s, {rates['d_kernel'] / ceiling:.0%} of its matrix "
+          f"products alone in a recurrent chain ({ceiling * flops_per_step() / 1e9:.0f} "
+          "GFLOP/s)")
     stages = report["stage_seconds"]
     print(f"\npipeline: {report['seconds']:.2f} s wall; in stages (summed over workers): "
           + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages.items())
@@ -177,10 +210,10 @@ def main(argv=None) -> dict:
     print(f"\nincremental: a run touching {incremental['touched']:,} sequences took "
           f"{incremental['seconds_large']:.2f} s against a {incremental['snapshot']:,}-"
           f"sequence snapshot, {incremental['seconds_small']:.2f} s against one holding "
-          f"only them: {incremental['ratio']:.2f}x (target <= 2.0)")
+          f"only them: {incremental['ratio']:.2f}x (target <= 1.5)")
     print(f"memory: peak RSS {memory['peak_rss_mib_1x']:,.0f} MiB for {memory['sequences']:,} "
           f"sequences x {memory['steps']} steps, {memory['peak_rss_mib_10x']:,.0f} MiB for "
-          f"10x as many: {memory['ratio']:.2f}x (target < 1.3)")
+          f"10x as many: {memory['ratio']:.2f}x (target <= 1.2)")
     print(f"padding: one {padding['long_steps']:,}-step sequence alone "
           f"{padding['seconds_alone']:.2f} s, {padding['peak_rss_mib_alone']:,.0f} MiB; with "
           f"{padding['short_sequences']} one-step sequences beside it "
@@ -189,6 +222,8 @@ def main(argv=None) -> dict:
           "(target <= 1.3 each)")
     print(planning.summary_line(planned))
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
+              "kernel_fraction_of_matmul_chain": rates["d_kernel"] / ceiling,
+              "matmul_chain_row_steps_per_second": ceiling,
               "ratios": ratios, "targets": targets, "incremental": incremental,
               "memory": memory, "padding": padding, "planning": planned, "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -8,8 +8,9 @@ final state of every row is its state after its own last real step.
 How it is fast (measured on 2 CPU cores, LSTM(128) + Dense(8), input width 32; see
 ``bench/bench.py``):
 
-* **One loop over time for the whole stack.** Each step runs every recurrent layer's
-  *cell* and then the dense head, so nothing but the per-step outputs leaves the loop.
+* **One loop over time for the whole model.** Each step runs every layer in order, the
+  stateful ones as *cells* (one step), the per-step ones (dense, normalizations,
+  merges) on that step's values, so nothing but the per-step outputs leaves the loop.
   The input projection is done per step (``x_t @ W + h @ U``), not as one GEMM over the
   whole window first: with 32 inputs and 4 x 128 gates the precomputed projection is
   16x larger than the inputs and the loop then streams it from memory; it measured
@@ -34,7 +35,9 @@ How it is fast (measured on 2 CPU cores, LSTM(128) + Dense(8), input width 32; s
   not run at all. Padded rows get the window's longest length so they never force
   masking.
 
-Layer math, per recurrent layer kind (``layer.kind``), in two tables:
+Layer math, per layer kind (``layer.kind``), in three tables: ``_STEP_MATH`` for the
+per-step layers (``(layer, weights, values it reads) -> value``, on [B, D] or
+[B, T, D]), and for the layers that carry state:
 
 * ``_CELL_MATH[kind]``: ``(layer, weights, inputs [B, D], states tuple) ->
   (output [B, U], new states tuple)``: one step, no masking (the kernel masks the
@@ -42,12 +45,12 @@ Layer math, per recurrent layer kind (``layer.kind``), in two tables:
 * ``_LAYER_MATH[kind]``: ``(layer, weights, inputs [B, T, D], mask [T, B, 1],
   states tuple) -> (output sequence [B, T, U], states tuple)``: a whole window under
   any mask (masked steps keep the state and repeat the previous output, as Keras
-  does). The kernel runs the stack layer by layer with these (then the head) when a
-  layer has no cell (a SavedModel's opaque ``step`` signature: the one path where the
+  does). The kernel runs the model layer by layer with these when a layer has no cell (a SavedModel's opaque ``step`` signature: the one path where the
   kernel does not see the weights) or when the input layer masks steps in the middle
   of a sequence (Keras ``Masking``, ``Embedding(mask_zero=True)``).
 
-Kinds with cells: LSTM (with TF1's peepholes and projection), GRU and SimpleRNN.
+Kinds with cells: LSTM (with TF1's peepholes and projection), GRU, SimpleRNN and
+causal Conv1D (its state: the window of its past inputs).
 States are in the order of the layer's ``state_parts``. A new kind writes its cell and registers
 ``_LAYER_MATH[kind] = _layer_from_cell(cell)``; a kind that cannot be written as a
 cell registers only a ``_LAYER_MATH`` function.
