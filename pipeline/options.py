@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from schemas.contract import InputError
+from schemas.contract import OUTPUTS_AT, InputError
 
 if TYPE_CHECKING:
     from transforms.models import ModelOptions
@@ -45,6 +45,7 @@ class RunConfig:
     expire_after_days: float | None = None
     max_layers: int = 8
     max_rejected_fraction: float | None = None
+    outputs_at: str = "auto"
     model_architecture: str | None = None
     tf1_scopes: Sequence[str] = ()
     tf1_forget_bias: float = 1.0
@@ -221,6 +222,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument("--outputs", required=required,
                         help="directory for per-step outputs, written under "
                              "<outputs>/<run_id>/<attempt>/")
+    parser.add_argument(*spellings("--outputs-at"), dest="outputs_at", default="auto",
+                        choices=("auto", *OUTPUTS_AT),
+                        help="which outputs each applied chunk writes: 'every' step's "
+                             "(outputs [steps, width]) or only its 'last' step's "
+                             "([1, width]: for a classifier, what it says if the sequence "
+                             "ended there; the state is carried all the same). Default "
+                             "auto: every for a model with per-step outputs, last for one "
+                             "whose last recurrent layer has return_sequences=False")
     parser.add_argument(*spellings("--run-id"), dest="run_id", default=None,
                         help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
     parser.add_argument(*spellings("--batch-size"), dest="batch_size", type=int, default=256,

@@ -17,7 +17,7 @@ CATEGORIES = ("chunks_processed", "chunks_deferred", "chunks_skipped_duplicate",
               "chunks_rejected")
 REASONS = FILE_REASONS + READ_REASONS + PLAN_REASONS
 COLUMNS = ("run_id", "chunks_read", *CATEGORIES, "files_rejected", "chunks_pending_total",
-           "sequences_live", "steps_processed", "steps_per_second", "seconds")
+           "sequences_live", "steps_processed", "steps_per_second", "seconds", "outputs_at")
 # One colour per thing, the same in every chart: pending chunks are deferred ones, and
 # each rejection reason keeps its colour whichever runs are shown.
 COLOURS = {"chunks_processed": "#2e7d32", "chunks_deferred": "#1565c0",
@@ -38,6 +38,8 @@ def history_rows(state_url: str) -> list[dict]:
         report = store.report(manifest.run_id, manifest.attempt)
         rows.append({"run_id": manifest.run_id, "created_at": manifest.created_at,
                      **{column: report.get(column, 0) for column in COLUMNS[1:]},
+                     # runs from before --outputs-at wrote every step's outputs
+                     "outputs_at": report.get("outputs_at") or "every",
                      # a file rejected whole is one dead letter, as a record is
                      "rejected_by_reason": {**report.get("chunks_rejected_by_reason", {}),
                                             **report.get("files_rejected_by_reason", {})},

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 import storage
 from schemas import (CarriedState, Chunk, InputError, chunks_from_table, matrices_from_array,
-                     outputs_from_table, states_from_table)
+                     outputs_from_table, states_from_table, with_steps)
 
 
 def _runs_to_read(store: storage.StateStore, run_id: str | None) -> list[storage.Manifest]:
@@ -52,10 +52,11 @@ def _steps_before(store: storage.StateStore, manifest: storage.Manifest,
 
 def read_outputs(state_url: str, sequence_ids: Iterable[str] | None = None,
                  run_id: str | None = None) -> pa.Table:
-    """The committed per-step outputs, one row per step, in step order per sequence
-    (sequences sorted by id): ``sequence_id``, ``step`` (the step's place in the whole
-    sequence, from 0), ``chunk_index``, ``run_id`` (the run that computed it) and
-    ``output_0`` ... ``output_<k-1>`` (float32).
+    """The committed outputs, one row per step that has one, in step order per
+    sequence (sequences sorted by id): ``sequence_id``, ``step`` (the step's place in
+    the whole sequence, from 0), ``chunk_index``, ``run_id`` (the run that computed it)
+    and ``output_0`` ... ``output_<k-1>`` (float32). A run with ``--outputs-at every``
+    gave every step a row; one with ``last``, each chunk's last step only.
 
     Reads every run of the committed lineage (those retention still keeps), or only
     the committed snapshot ``run_id`` (an InputError if there is none such);
@@ -68,7 +69,7 @@ def read_outputs(state_url: str, sequence_ids: Iterable[str] | None = None,
     parts = []
     for manifest in runs:
         for record in manifest.output_files:
-            table = storage.read_table(record.path, record)
+            table = with_steps(storage.read_table(record.path, record))
             if wanted is not None:
                 table = table.filter(pc.is_in(table["sequence_id"],
                                               pa.array(sorted(wanted), pa.string())))
@@ -86,24 +87,29 @@ def read_outputs(state_url: str, sequence_ids: Iterable[str] | None = None,
     if len(widths) > 1:
         raise InputError(f"the outputs of {state_url} have different widths {sorted(widths)}: "
                          "read them one run at a time (--run-id)")
-    # Each step's chunk row, and its place among its sequence's steps read here.
-    steps = np.fromiter((len(m) for m in matrices), np.int64, len(matrices))
-    row_of_step = pa.array(np.repeat(np.arange(len(matrices)), steps))
+    # Each output's chunk row, and its step's place among its sequence's steps read
+    # here: a chunk's outputs are those of its last ``kept`` steps (all, or the last).
+    kept = np.fromiter((len(m) for m in matrices), np.int64, len(matrices))
+    steps = chunks["steps"].to_numpy()
+    row_of_output = np.repeat(np.arange(len(matrices)), kept)
     ids = chunks["sequence_id"].to_numpy(zero_copy_only=False)
     new_sequence = np.r_[True, ids[1:] != ids[:-1]]
     sequence_of_row = np.cumsum(new_sequence) - 1
     first_row = np.flatnonzero(new_sequence)
-    sequence_start = np.r_[0, np.cumsum(steps)[:-1]][first_row]
-    within = np.arange(int(steps.sum())) - np.repeat(sequence_start[sequence_of_row], steps)
+    chunk_start = np.r_[0, np.cumsum(steps)[:-1]]
+    chunk_start -= chunk_start[first_row][sequence_of_row]
+    first_output = np.r_[0, np.cumsum(kept)[:-1]]
+    within = np.arange(int(kept.sum())) + np.repeat(chunk_start + steps - kept - first_output,
+                                                    kept)
     # A sequence read from its chunk 0 starts at step 0; else where its parent left it.
     before = _steps_before(store, runs[0], wanted)
     first_index = chunks["chunk_index"].to_numpy()[first_row]
     offsets = pa.array([0 if index == 0 else before.get(ids[row], 0) if before is not None
                         else None for row, index in zip(first_row, first_index)], pa.int64())
-    step = pc.add(pa.array(within), offsets.take(pa.array(np.repeat(sequence_of_row, steps))))
-    return _per_step_table(chunks["sequence_id"].take(row_of_step), step,
-                           chunks["chunk_index"].take(row_of_step),
-                           chunks["run_id"].take(row_of_step),
+    step = pc.add(pa.array(within), offsets.take(pa.array(sequence_of_row[row_of_output])))
+    rows = pa.array(row_of_output)
+    return _per_step_table(chunks["sequence_id"].take(rows), step,
+                           chunks["chunk_index"].take(rows), chunks["run_id"].take(rows),
                            np.concatenate(matrices).reshape(len(within), max(widths, default=0)))
 
 
@@ -191,7 +197,7 @@ def sequence_details(state_url: str, sequence_id: str) -> dict:
     state, pending = states.get(sequence_id), pending.get(sequence_id, [])
     runs = []
     for run in reversed(history):
-        applied = sorted((output.chunk_index, len(output.outputs))
+        applied = sorted((output.chunk_index, output.steps)
                          for record, table in rows(run.output_files)
                          for output in outputs_from_table(table, record.path))
         ended = [reason for _, table in rows(run.final_state_files)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Any, Sequence
 
@@ -70,6 +71,8 @@ def _parameter(action: argparse.Action) -> dict[str, Any]:
         regexes = [INTEGER]
     elif action.type is float:
         regexes = [NUMBER]
+    elif action.choices:
+        regexes = [f"^({'|'.join(map(re.escape, action.choices))})$"]
     if action.nargs == "+" or isinstance(action, argparse._AppendAction):
         help_text += "; a template takes one value"
     words = name.split("_")

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 _MATRIX = pa.list_(pa.list_(pa.float32()))
 _VECTOR = pa.list_(pa.float32())
@@ -53,9 +54,16 @@ the original record as JSON (NaN and Infinity written as such)."""
 OUTPUT_SCHEMA = pa.schema([
     pa.field("sequence_id", pa.string(), nullable=False),
     pa.field("chunk_index", pa.int64(), nullable=False),
+    pa.field("steps", pa.int64(), nullable=False),
     pa.field("outputs", _MATRIX, nullable=False),
 ])
-"""Per-step model outputs: one row per applied chunk, ``outputs`` [steps, output_dim]."""
+"""Model outputs: one row per applied chunk of ``steps`` steps, ``outputs``
+[steps, output_dim] (``--outputs-at every``) or [1, output_dim], the output at the
+chunk's last step (``last``). Files written before ``steps`` existed hold every step's
+output (:func:`with_steps`)."""
+
+OUTPUTS_AT = ("every", "last")
+"""Which steps of an applied chunk a run writes outputs for (``--outputs-at``)."""
 
 
 def state_schema(state_names: Sequence[str], final: bool = False) -> pa.Schema:
@@ -143,10 +151,17 @@ class CarriedState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChunkOutput:
-    """The model's per-step outputs for one applied chunk: float32 [steps, output_dim]."""
+    """The model's outputs for one applied chunk of ``steps`` steps: float32
+    [steps, output_dim], or [1, output_dim] at its last step (see :data:`OUTPUT_SCHEMA`).
+    ``steps`` defaults to one output per step."""
     sequence_id: str
     chunk_index: int
     outputs: np.ndarray
+    steps: int | None = None
+
+    def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", len(self.outputs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,17 +280,29 @@ def outputs_to_table(outputs: Sequence[ChunkOutput]) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array([o.sequence_id for o in outputs], pa.string()),
          pa.array([o.chunk_index for o in outputs], pa.int64()),
+         pa.array([o.steps for o in outputs], pa.int64()),
          matrix_array([o.outputs for o in outputs])], schema=OUTPUT_SCHEMA)
 
 
+def with_steps(table: pa.Table) -> pa.Table:
+    """An outputs table with its ``steps`` column: files written before it existed
+    hold one output per step, so their chunks' steps are their outputs' lengths."""
+    if "steps" in table.column_names or "outputs" not in table.column_names:
+        return table
+    steps = pa.compute.list_value_length(table.column("outputs")).cast(pa.int64())
+    return table.add_column(table.column_names.index("outputs"),
+                            OUTPUT_SCHEMA.field("steps"), steps)
+
+
 def outputs_from_table(table: pa.Table, source: str) -> list[ChunkOutput]:
-    """Inverse of :func:`outputs_to_table`."""
-    table = conform(table, OUTPUT_SCHEMA, source)
+    """Inverse of :func:`outputs_to_table` (reads files without ``steps`` too)."""
+    table = conform(with_steps(table), OUTPUT_SCHEMA, source)
     matrices = matrices_from_array(table.column("outputs"), f"{source} column outputs")
-    return [ChunkOutput(sequence_id, int(chunk_index), matrix)
-            for sequence_id, chunk_index, matrix in zip(
+    return [ChunkOutput(sequence_id, int(chunk_index), matrix, int(steps))
+            for sequence_id, chunk_index, steps, matrix in zip(
                 table.column("sequence_id").to_pylist(),
-                table.column("chunk_index").to_pylist(), matrices)]
+                table.column("chunk_index").to_pylist(),
+                table.column("steps").to_pylist(), matrices)]
 
 
 def dead_letters_to_table(letters: Sequence[DeadLetter]) -> pa.Table:

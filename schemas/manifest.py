@@ -148,6 +148,9 @@ class Manifest:
     ``counts`` holds the run's tallies and the snapshot's totals
     (``sequences_live``, ``sequences_closed``, ``chunks_pending_total``).
     ``parent_attempt`` and ``attempt`` are None in snapshots written before attempts.
+    ``outputs_at`` says which outputs the run wrote (``every`` step of its chunks, or
+    each chunk's ``last``); None in snapshots written before ``--outputs-at`` (every
+    step) and in those not written by a run (``import-state``).
     """
     run_id: str
     run_number: int  # 1 for the first run on a state, parent's + 1 after
@@ -163,6 +166,7 @@ class Manifest:
     final_state_files: tuple[FileRecord, ...]
     attempt: str | None = None
     parent_attempt: str | None = None
+    outputs_at: str | None = None
 
     @property
     def sequences(self) -> int:
@@ -218,7 +222,8 @@ class Manifest:
                     ("parent", self.parent, maybe_text), ("created_at", self.created_at, text),
                     ("model_fingerprint", self.model_fingerprint, text),
                     ("counts", self.counts, dict), ("attempt", self.attempt, maybe_text),
-                    ("parent_attempt", self.parent_attempt, maybe_text)]
+                    ("parent_attempt", self.parent_attempt, maybe_text),
+                    ("outputs_at", self.outputs_at, maybe_text)]
         yield from (("state_names", name, text) for name in self.state_names)
         for field in dataclasses.fields(self):
             if field.name.endswith("_files"):

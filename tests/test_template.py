@@ -73,6 +73,7 @@ def test_the_metadata_regexes_take_what_the_launcher_takes():
     assert all(matches(name, value) for name in ("reset_state", "allow_non_finite")
                for value in ("true", "false", "True", "FALSE"))
     assert not matches("reset_state", "yes")
+    assert matches("outputs_at", "last") and not matches("outputs_at", "lastly")
 
 
 def test_a_new_option_appears_in_the_metadata_by_itself(monkeypatch):

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window
 
 import storage
-from schemas.contract import InputError
+from schemas.contract import OUTPUTS_AT, InputError
 from schemas.manifest import checked_run_id, new_attempt_id
 from transforms import staging
 from transforms.commit import CommitRun, CommitTarget
@@ -66,6 +66,7 @@ class CarryPlan:
     keep: int | None = None
     orphan_grace_hours: float = 24.0
     max_rejected_fraction: float | None = None
+    outputs_at: str = "every"  # one of OUTPUTS_AT ("auto" resolved for the model)
 
     def commit_target(self) -> CommitTarget:
         return CommitTarget(self.state, self.outputs, self.run_id, self.attempt,
@@ -88,7 +89,8 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
                expire_after_days: float | None = None, max_layers: int = 8,
                keep: int | None = None, orphan_grace_hours: float = 24.0,
                max_rejected_fraction: float | None = None,
-               model_options: ModelOptions | None = None) -> CarryPlan:
+               model_options: ModelOptions | None = None,
+               outputs_at: str = "auto") -> CarryPlan:
     """Check a run's options and fix its plan from ``CURRENT``, the parent manifest and
     the model (no input is read here). The options are those of ``seqcarry run``."""
     planned_at = time.time()  # the report's seconds count from here
@@ -101,6 +103,9 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
     if max_rejected_fraction is not None and not 0 <= max_rejected_fraction <= 1:
         raise InputError(f"--max-rejected-fraction must be between 0 and 1, not "
                          f"{max_rejected_fraction}")
+    if outputs_at not in ("auto", *OUTPUTS_AT):
+        raise InputError(f"--outputs-at {outputs_at!r}: give one of auto, "
+                         f"{', '.join(OUTPUTS_AT)}")
     storage.check_retention(keep, orphan_grace_hours)
     store = storage.StateStore(state)  # refuses a --state without atomic swaps
     storage.check_location(state, "--state")
@@ -128,20 +133,25 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
                               if expire_after_days else None))
     store.check_run_id_free(run_id)
     attempt = new_attempt_id()
+    if outputs_at == "auto":  # a classifier's output is meant for the sequence's end
+        outputs_at = "every" if stack.sequence_output else "last"
     _LOG.info("event=planned run_id=%s attempt=%s parent=%s sequences=%d pending=%d "
-              "layers=%d compact=%s", run_id, attempt, parent.run_id if parent else None,
-              parent.sequences if parent else 0, parent.pending_chunks if parent else 0,
-              parent.layers if parent else 0, compact)
+              "layers=%d compact=%s outputs_at=%s", run_id, attempt,
+              parent.run_id if parent else None, parent.sequences if parent else 0,
+              parent.pending_chunks if parent else 0, parent.layers if parent else 0,
+              compact, outputs_at)
     return CarryPlan(model, model_options, state, outputs, run_id, attempt, pointer, parent,
                      stack, planner, compact, planned_at, batch_size, window_steps,
-                     allow_non_finite, keep, orphan_grace_hours, max_rejected_fraction)
+                     allow_non_finite, keep, orphan_grace_hours, max_rejected_fraction,
+                     outputs_at)
 
 
 class CarryState(beam.PTransform):
     """Chunk records -> ``{'outputs', 'dead_letters', 'final_states', 'report'}``.
 
     - ``outputs``: Arrow tables of :data:`~schemas.contract.OUTPUT_SCHEMA` (one row per
-      applied chunk: ``sequence_id``, ``chunk_index``, ``outputs`` [steps, width]);
+      applied chunk: ``sequence_id``, ``chunk_index``, ``steps``, ``outputs``
+      [steps, width], or [1, width] at the chunk's last step with ``outputs_at="last"``);
       ``beam.FlatMap(pa.Table.to_pylist)`` makes records of them.
     - ``dead_letters``: dicts of :data:`~schemas.contract.DEAD_LETTER_SCHEMA`, a reason
       each, for records rejected when read or when planned.
@@ -194,7 +204,7 @@ class CarryState(beam.PTransform):
             {"chunks": chunks, "states": snapshot["states"], "pending": snapshot["pending"]}
             | "ApplyChunks" >> ApplyChunks(plan.model, plan.planner, plan.batch_size,
                                            plan.window_steps, plan.model_options,
-                                           stack.fingerprint))
+                                           stack.fingerprint, plan.outputs_at))
         dead_letters = ((read["dead_letters"], applied["dead_letters"])
                         | "AllDeadLetters" >> beam.Flatten())
         results = {
@@ -218,7 +228,7 @@ class CarryState(beam.PTransform):
                 plan.state, plan.run_id, plan.attempt, plan.planner.run_number,
                 datetime.datetime.fromtimestamp(plan.planned_at, datetime.timezone.utc)
                 .isoformat(), plan.parent, not plan.compact, stack.fingerprint,
-                stack.state_names))
+                stack.state_names, plan.outputs_at))
             | "Commit" >> beam.ParDo(CommitRun(plan.commit_target())))
         return results
 

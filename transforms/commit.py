@@ -109,6 +109,8 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
         "sequences_live": counts.get("sequences_live", 0),
         "sequences_ended": by_prefix("sequences_ended_"),
         "steps_processed": steps,
+        # Which outputs the run wrote: every step's, or each chunk's last (--outputs-at).
+        "outputs_at": manifest.outputs_at,
         # Batches by compiled path (decided once per worker process, when it loads
         # the model): "xla" or "plain" (SEQCARRY_XLA=0, or a model XLA refuses).
         "batches_by_path": by_prefix("batches_"),

@@ -254,18 +254,20 @@ class PlanAndRunBucket(beam.DoFn):
 
     Plans each sequence of the bucket (:class:`~transforms.sequencing.Planner`), then
     runs the work in batches. The model is loaded once per process through Beam's
-    ``Shared``; each bundle opens a session on it.
+    ``Shared``; each bundle opens a session on it. ``outputs_at`` (``every`` or
+    ``last``) says which steps of each chunk get an output.
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
                  window_steps: int, model_options: ModelOptions = ModelOptions(),
-                 model_fingerprint: str | None = None):
+                 model_fingerprint: str | None = None, outputs_at: str = "every"):
         self._model_path = model_path
         self._model_options = model_options
         self._model_fingerprint = model_fingerprint
         self._planner = planner
         self._batch_size = batch_size
         self._window_steps = window_steps
+        self._last_only = outputs_at == "last"
         self._shared = shared.Shared()
         self._model: LoadedModel | None = None
         self._session = None
@@ -305,7 +307,8 @@ class PlanAndRunBucket(beam.DoFn):
                     counts[f"sequences_ended_{value[1]}"] += 1
         counts["ms_plan"] = _ms_since(started)
         yield from planned
-        results = self._session.run(works, self._batch_size)  # nothing for no works
+        # Yields nothing for no works.
+        results = self._session.run(works, self._batch_size, self._last_only)
         for number in itertools.count():
             started = time.perf_counter()
             result = next(results, None)
@@ -463,13 +466,15 @@ class WriteManifest(beam.DoFn):
 
     ``parent`` is the manifest the run started from (None for the first run) and
     ``inherit`` whether the new snapshot keeps the parent's layers (see
-    :class:`~schemas.manifest.Manifest`) or replaces them (a compacting run). Every
-    field comes from the plan or the ledger, so a retry writes the same bytes.
+    :class:`~schemas.manifest.Manifest`) or replaces them (a compacting run);
+    ``outputs_at`` which outputs the run wrote (``--outputs-at``). Every field comes
+    from the plan or the ledger, so a retry writes the same bytes.
     """
 
     def __init__(self, state_url: str, run_id: str, attempt: str, run_number: int,
                  created_at: str, parent: storage.Manifest | None, inherit: bool,
-                 model_fingerprint: str, state_names: Sequence[str]):
+                 model_fingerprint: str, state_names: Sequence[str],
+                 outputs_at: str | None = None):
         self._state_url = state_url
         self._run_id = run_id
         self._attempt = attempt
@@ -479,6 +484,7 @@ class WriteManifest(beam.DoFn):
         self._inherit = inherit
         self._fingerprint = model_fingerprint
         self._state_names = tuple(state_names)
+        self._outputs_at = outputs_at
 
     def process(self, entries: list):
         counts: collections.Counter = collections.Counter()
@@ -508,7 +514,8 @@ class WriteManifest(beam.DoFn):
             **{kind: tuple(sorted(files[kind], key=lambda r: (r.layer or 0, r.path)))
                for kind in FILE_KINDS},
             attempt=self._attempt,
-            parent_attempt=self._parent.attempt if self._parent else None)
+            parent_attempt=self._parent.attempt if self._parent else None,
+            outputs_at=self._outputs_at)
         storage.StateStore(self._state_url).write_manifest(manifest)
         storage.fault_point("after_manifest")
         yield manifest
@@ -528,10 +535,10 @@ class ApplyChunks(beam.PTransform):
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
                  window_steps: int, model_options: ModelOptions = ModelOptions(),
-                 model_fingerprint: str | None = None):
+                 model_fingerprint: str | None = None, outputs_at: str = "every"):
         super().__init__()
         self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
-                                     model_options, model_fingerprint)
+                                     model_options, model_fingerprint, outputs_at)
 
     def expand(self, inputs):
         return split(

@@ -254,7 +254,8 @@ def size_run(sequences: int, feature_bytes: int, batch_size: int,
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchResult:
     """Per-chunk outputs; every sequence's new state (a tombstone for one that
-    reached its last chunk); and the final states of those that ended."""
+    reached its last chunk); the final states of those that ended; and the steps the
+    model computed (whichever outputs were kept)."""
     outputs: list[ChunkOutput]
     states: list[CarriedState]
     ended: list[CarriedState]
@@ -263,13 +264,17 @@ class BatchResult:
 
 class _Feed:
     """One running sequence of a batch: its chunks fed window by window, without
-    concatenating them, and its outputs so far."""
+    concatenating them, and the outputs kept so far: every step's, or with
+    ``last_only`` each chunk's last step's (the others are never held)."""
 
-    def __init__(self, work: SequenceWork):
+    def __init__(self, work: SequenceWork, last_only: bool = False):
         self.work = work
+        self.last_only = last_only
         self.remaining = work.steps
         self._pieces = [chunk.features for chunk in work.chunks]
         self._next, self._offset = 0, 0
+        self._chunk_ends = np.cumsum([chunk.steps for chunk in work.chunks])
+        self._recorded = 0  # steps whose outputs were offered to keep()
         self.outputs: list[np.ndarray] = []
 
     def take(self, steps: int) -> np.ndarray:
@@ -285,6 +290,16 @@ class _Feed:
         self.remaining -= sum(len(piece) for piece in pieces)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def keep(self, outputs: np.ndarray) -> None:
+        """Keep what is wanted of the outputs [steps, width] of the steps just run."""
+        start, self._recorded = self._recorded, self._recorded + len(outputs)
+        if not self.last_only:
+            self.outputs.append(outputs.copy())
+            return
+        lasts = self._chunk_ends[(self._chunk_ends > start)
+                                 & (self._chunk_ends <= self._recorded)] - 1
+        self.outputs.append(outputs[lasts - start])  # indexing by an array copies
+
 
 def _finished(feed: _Feed, final: Sequence[np.ndarray], fingerprint: str
               ) -> tuple[list[ChunkOutput], CarriedState, bool]:
@@ -294,9 +309,10 @@ def _finished(feed: _Feed, final: Sequence[np.ndarray], fingerprint: str
     outputs = np.concatenate(feed.outputs)
     chunk_outputs, start = [], 0
     for chunk in work.chunks:
+        kept = 1 if feed.last_only else chunk.steps
         chunk_outputs.append(ChunkOutput(chunk.sequence_id, chunk.chunk_index,
-                                         outputs[start:start + chunk.steps]))
-        start += chunk.steps
+                                         outputs[start:start + kept], chunk.steps))
+        start += kept
     digests = work.carried.applied_digests + b"".join(c.digest for c in work.chunks)
     state = dataclasses.replace(
         work.carried, next_chunk_index=work.chunks[-1].chunk_index + 1,
@@ -314,11 +330,11 @@ def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]]) -> B
             ended.append(state)
             state = tombstone(state)
         states.append(state)
-    return BatchResult(outputs, states, ended,
-                       sum(len(output.outputs) for output in outputs))
+    return BatchResult(outputs, states, ended, sum(output.steps for output in outputs))
 
 
-def run_continuous(kernel, works: Sequence[SequenceWork], slots: int) -> Iterator[BatchResult]:
+def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
+                   last_only: bool = False) -> Iterator[BatchResult]:
     """Run ``works`` through ``kernel`` (a StepKernel) on ``slots`` batch rows, one
     window of ``kernel.window_steps`` at a time: continuous batching, as Triton's
     sequence batcher and LLM servers do. A row whose sequence has run all its steps
@@ -329,7 +345,8 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int) -> Iterato
 
     Sequences start longest first, in an order fixed by (steps, sequence_id), so a
     retried bundle computes exactly the same bits. Yields a :class:`BatchResult` each
-    time ``slots`` sequences have finished, and one for the rest.
+    time ``slots`` sequences have finished, and one for the rest. With ``last_only``
+    (``--outputs-at last``), each chunk's output is the one at its last step only.
     """
     stack = kernel.stack
     waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
@@ -338,8 +355,8 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int) -> Iterato
     states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
     done: list[tuple[list[ChunkOutput], CarriedState, bool]] = []
     while waiting or running:
-        joining = [_Feed(waiting.popleft()) for _ in range(min(len(waiting),
-                                                                slots - len(running)))]
+        joining = [_Feed(waiting.popleft(), last_only)
+                   for _ in range(min(len(waiting), slots - len(running)))]
         if joining:
             running += joining
             states = [np.concatenate([part, np.stack([feed.work.carried.tensors[index]
@@ -355,7 +372,7 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int) -> Iterato
         outputs, states = kernel.run_window(inputs, lengths, states, rows)
         still = []
         for row, feed in enumerate(running):
-            feed.outputs.append(outputs[row, :lengths[row]].copy())
+            feed.keep(outputs[row, :lengths[row]])
             if feed.remaining:
                 still.append(row)
             else:

@@ -91,12 +91,13 @@ class StepSession:
         self.steps = 0
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "batch_compute_ms")
 
-    def run(self, works: Sequence[SequenceWork], slots: int) -> Iterator[BatchResult]:
+    def run(self, works: Sequence[SequenceWork], slots: int,
+            last_only: bool = False) -> Iterator[BatchResult]:
         """``works`` through the kernel on ``slots`` rows (continuous batching, see
-        :func:`~transforms.sequencing.run_continuous`): a result per ``slots``
-        sequences finished, each timed as the ``batch_compute_ms`` metric."""
+        :func:`~transforms.sequencing.run_continuous`, as is ``last_only``): a result
+        per ``slots`` sequences finished, each timed as the ``batch_compute_ms`` metric."""
         started = time.perf_counter()
-        for result in run_continuous(self._kernel, works, slots):
+        for result in run_continuous(self._kernel, works, slots, last_only):
             self._latency.update(int((time.perf_counter() - started) * 1000))
             self.batches += 1
             self.steps += result.steps
