@@ -72,14 +72,14 @@ def test_the_schedule_is_deterministic_and_compiles_few_shapes():
                 for r in run_continuous(kernel, order, 32) for o in r.outputs}
 
     assert bits(works) == bits(works[::-1])
-    # Rows shrink by halves once nothing waits: 32, 16, 8 rows; widths 16.
+    # 32 rows, or 16 or 8 once nothing waits (by halves, where that saves enough).
     assert {rows for _, rows, _ in kernel.compiled_shapes} <= {8, 16, 32}
     assert run_batch(kernel, works[:5]).steps == sum(w.steps for w in works[:5])
 
 
 def test_a_long_sequence_among_short_ones_costs_about_what_it_costs_alone(monkeypatch):
     """Counted in rows x steps the kernel computes (padding included): one
-    2,000-step sequence with 255 one-step ones, against it alone. Padding every row
+    4,000-step sequence with 255 one-step ones, against it alone. Padding every row
     to the longest, as batches did before, would cost 32x."""
     rng = np.random.default_rng(13)
     stack = random_stack(rng, units=(4,))
@@ -93,10 +93,27 @@ def test_a_long_sequence_among_short_ones_costs_about_what_it_costs_alone(monkey
         return run_window(inputs, lengths, states, rows)
 
     monkeypatch.setattr(kernel, "run_window", counted)
-    works = works_of(rng, stack, [2000] + [1] * 255)
+    works = works_of(rng, stack, [4000] + [1] * 255)
     list(run_continuous(kernel, works, 256))
     together = sum(computed)
     computed.clear()
     list(run_continuous(kernel, works[:1], 256))
     alone = sum(computed)
     assert together <= 1.3 * alone, (together, alone)
+
+
+def test_the_last_few_sequences_of_a_bucket_do_not_compile_a_shape_of_their_own():
+    """260 sequences of 64 steps on 256 rows: the last 4 run on the 256 rows already
+    compiled (about 16,000 row-steps of padding) rather than on a new 8-row shape (a
+    compile costs far more), and are as exact as the others."""
+    rng = np.random.default_rng(14)
+    stack = random_stack(rng, units=(4,))
+    kernel = StepKernel(stack, window_steps=16)
+    built = set(kernel.compiled_shapes)  # the shape the XLA decision compiled
+    works = works_of(rng, stack, [64] * 260)
+    outputs = {o.sequence_id: o.outputs for r in run_continuous(kernel, works, 256)
+               for o in r.outputs}
+    assert {rows * shards for shards, rows, _ in kernel.compiled_shapes - built} == {256}
+    alone = {o.sequence_id: o.outputs for o in run_batch(kernel, works[-4:]).outputs}
+    for sequence_id, expected in alone.items():
+        np.testing.assert_allclose(outputs[sequence_id], expected, atol=1e-6)

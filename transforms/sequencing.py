@@ -333,6 +333,23 @@ def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]]) -> B
     return BatchResult(outputs, states, ended, sum(output.steps for output in outputs))
 
 
+# Fewer rows is a new shape for XLA to compile (about a second for an LSTM(128) here):
+# the batch shrinks only when that saves at least this many row-steps of computation
+# (about half a second's worth), e.g. not for the last few sequences of a bucket.
+SHRINK_MIN_ROW_STEPS = 2**19
+
+
+def _batch_rows(rows: int, running: int, steps_left: int) -> int:
+    """The rows of the next window, from those of the last one: halved while half
+    still holds the ``running`` sequences, if that saves enough computation over the
+    ``steps_left`` steps of the longest. Decided from the work alone, so a retried
+    bundle runs the same shapes and computes the same bits."""
+    target = rows
+    while target // 2 >= running:
+        target //= 2
+    return target if (rows - target) * steps_left >= SHRINK_MIN_ROW_STEPS else rows
+
+
 def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
                    last_only: bool = False) -> Iterator[BatchResult]:
     """Run ``works`` through ``kernel`` (a StepKernel) on ``slots`` batch rows, one
@@ -340,8 +357,9 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     sequence batcher and LLM servers do. A row whose sequence has run all its steps
     takes the next waiting sequence (with its own carried state) at the next window;
     once none waits, the batch shrinks to the rows still running (by halves, so few
-    shapes are compiled). So one long sequence among many short ones costs about what
-    it costs alone, and no array holds more than one window of the batch.
+    shapes are compiled; see :func:`_batch_rows`). So one long sequence among many
+    short ones costs about what it costs alone, and no array holds more than one
+    window of the batch.
 
     Sequences start longest first, in an order fixed by (steps, sequence_id), so a
     retried bundle computes exactly the same bits. Yields a :class:`BatchResult` each
@@ -350,7 +368,7 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     """
     stack = kernel.stack
     waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
-    capacity = min(slots, len(waiting))
+    rows = min(slots, len(waiting))
     running: list[_Feed] = []
     states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
     done: list[tuple[list[ChunkOutput], CarriedState, bool]] = []
@@ -362,13 +380,12 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
             states = [np.concatenate([part, np.stack([feed.work.carried.tensors[index]
                                                       for feed in joining])])
                       for index, part in enumerate(states)]
+        steps_left = max(feed.remaining for feed in running)
         lengths = np.minimum([feed.remaining for feed in running], kernel.window_steps)
         inputs = np.zeros((len(running), int(lengths.max()), stack.input_dim), np.float32)
         for row, feed in enumerate(running):
             inputs[row, :lengths[row]] = feed.take(int(lengths[row]))
-        rows = capacity
-        while rows // 2 >= len(running):
-            rows //= 2
+        rows = _batch_rows(rows, len(running), steps_left)
         outputs, states = kernel.run_window(inputs, lengths, states, rows)
         still = []
         for row, feed in enumerate(running):
