@@ -237,3 +237,19 @@ def test_a_kernel_compiles_graphs_with_xla_and_without_the_same(tmp_path):
     for got, want in zip(xla.run(features, lengths, states)[1],
                          plain.run(features, lengths, states)[1]):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_classifier_exported_as_a_step_savedmodel_stays_a_classifier(tmp_path):
+    model = randomized(keras.Sequential([
+        keras.Input((None, INPUT_DIM)), L.GRU(5, return_sequences=True), L.LSTM(4),
+        L.Dense(3, activation="softmax")]))
+    stack = load_model(export_step_savedmodel(model, str(tmp_path / "step")))
+    assert stack.format == "savedmodel" and stack.sequence_output is False
+    features = features_for("plain", steps=12, seed=9)
+    outputs, _ = run_in_chunks(stack, features, (0, 1, 5, 12))
+    prefixes = np.stack([model(features[None, :stop]).numpy()[0]
+                         for stop in range(1, len(features) + 1)])
+    np.testing.assert_allclose(outputs, prefixes, atol=1e-5)
+    sequences = load_model(export_step_savedmodel(graph_model("causal_conv"),
+                                                  str(tmp_path / "sequences")))
+    assert sequences.sequence_output is True

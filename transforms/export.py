@@ -18,8 +18,10 @@ def export_step_savedmodel(keras_model_or_path: Any, export_dir: str) -> str:
     ``export_dir`` as a SavedModel whose ``step`` signature runs one time step;
     returns ``export_dir``.
 
-    The model must be one seqcarry runs from a ``.keras`` file; a model with an input
-    mask (``Masking``, ``Embedding(mask_zero=True)``) is refused, since one step
+    The model must be one seqcarry runs from a ``.keras`` file. A classifier
+    (``return_sequences=False``) is marked as one (the ``seqcarry_sequence_output``
+    variable), so runs keep each chunk's last output by default, as for its ``.keras``
+    file. A model with an input mask (``Masking``, ``Embedding(mask_zero=True)``) is refused, since one step
     cannot repeat the previous step's output on a masked step: run the ``.keras``
     file itself instead. With an ``Embedding``, ``x`` is [B, 1] token ids as float32.
     """
@@ -48,5 +50,7 @@ def export_step_savedmodel(keras_model_or_path: Any, export_dir: str) -> str:
     module = tf.Module()
     module.model = with_state  # tracked, so its variables are saved
     module.step = step
+    if not stack.sequence_output:  # only then: other exports keep their fingerprints
+        module.seqcarry_sequence_output = tf.Variable(False, trainable=False)
     tf.saved_model.save(module, export_dir, signatures={STEP_SIGNATURE: step})
     return export_dir

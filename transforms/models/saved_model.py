@@ -65,7 +65,10 @@ class SavedModelLoader(ModelLoader):
         layer = StepFunctionLayer(step, int(x.shape[1]), int(out.shape[1]), names,
                                   tuple(int(inputs[n].shape[1]) for n in names),
                                   _variables_sha256(path), owner=loaded)
-        return RecurrentStack((layer,), source=f"{self.format_name}:{path}")
+        # Set by export_step_savedmodel for a classifier (one output per sequence).
+        marker = getattr(loaded, "seqcarry_sequence_output", None)
+        return RecurrentStack((layer,), source=f"{self.format_name}:{path}",
+                              sequence_output=True if marker is None else bool(marker.numpy()))
 
 
 def _spec_problem(name: str, spec: Any) -> str | None:
