@@ -136,25 +136,35 @@ def kernel_rate(model_path: str, features: np.ndarray) -> float:
 
 def recurrent_matmul_rate(batch: int = KERAS_BATCH, steps: int = 2048) -> float:
     """The machine's ceiling for this LSTM: row-steps per second of its matrix products
-    alone, ``[x_t, h] @ W`` ([batch, input + units] @ [input + units, 4 * units]) with
-    h fed back (so, like the LSTM, each step waits for the one before), in one XLA loop
-    on all cores."""
+    alone, ``[x_t, h] @ W`` ([rows, input + units] @ [input + units, 4 * units]) with
+    h fed back (so, like the LSTM, each step waits for the one before), one XLA loop
+    per core on its share of the rows, run concurrently as the kernel runs its shards."""
     import tensorflow as tf
 
+    from transforms.kernel import MIN_SHARD_ROWS, _default_shards
+
+    shards = max(1, min(_default_shards(), batch // MIN_SHARD_ROWS))
     weights = tf.constant(np.random.default_rng(1).normal(
         0, 0.05, (INPUT_DIM + UNITS, 4 * UNITS)).astype(np.float32))
     inputs = tf.constant(np.random.default_rng(2).normal(
-        size=(batch, INPUT_DIM)).astype(np.float32))
+        size=(steps, batch // shards, INPUT_DIM)).astype(np.float32))
 
     @tf.function(jit_compile=True)
-    def chain(h):
+    def chain(inputs, h):
         def body(t, h):
-            return t + 1, tf.matmul(tf.concat([inputs, h], 1), weights)[:, :UNITS]
+            gates = tf.matmul(tf.concat([inputs[t], h], 1), weights)
+            # Every column feeds back, so XLA cannot drop part of the product.
+            return t + 1, tf.tanh(tf.reduce_sum(tf.reshape(gates, [-1, 4, UNITS]), 1))
         return tf.while_loop(lambda t, _: t < steps, body, (tf.constant(0), h))[1]
 
-    h = tf.zeros((batch, UNITS))
-    chain(h).numpy()  # compile outside the timing
-    return batch * steps / timed(lambda: chain(h).numpy())
+    @tf.function
+    def concurrently(inputs, h):
+        return [chain(inputs, h) for _ in range(shards)]  # independent: in parallel
+
+    h = tf.zeros((batch // shards, UNITS))
+    concurrently(inputs, h)  # compile outside the timing
+    return shards * (batch // shards) * steps / timed(
+        lambda: [part.numpy() for part in concurrently(inputs, h)])
 
 
 def flops_per_step() -> int:
