@@ -253,3 +253,25 @@ def test_a_classifier_exported_as_a_step_savedmodel_stays_a_classifier(tmp_path)
     sequences = load_model(export_step_savedmodel(graph_model("causal_conv"),
                                                   str(tmp_path / "sequences")))
     assert sequences.sequence_output is True
+
+
+def test_a_model_used_as_a_layer_is_opened_up(tmp_path):
+    encoder = keras.Sequential([keras.Input((None, INPUT_DIM)), L.Masking(MASK_VALUE),
+                                L.LSTM(4, return_sequences=True), L.LayerNormalization()])
+    inputs = keras.Input((None, INPUT_DIM))
+    encoded = encoder(inputs)
+    outputs = L.Dense(2)(L.Concatenate()([encoded, L.GRU(3, return_sequences=True)(encoded)]))
+    model = randomized(keras.Model(inputs, outputs))
+    path = str(tmp_path / "nested.keras")
+    model.save(path)
+    stack = load_model(path)
+    assert [layer.kind for layer in stack.layers] == [
+        "lstm", "layer_norm", "gru", "merge", "dense"]
+    features = features_for("masking")
+    outputs, states = run_in_chunks(stack, features)
+    np.testing.assert_allclose(outputs, model(features[None]).numpy()[0], atol=1e-5)
+    assert_close(outputs, states, *keras_whole_sequence(path)(features))
+
+    block = keras.Sequential([keras.Input((None, INPUT_DIM)), L.Dense(INPUT_DIM)])
+    assert "be called once" in refused(
+        inputs, L.LSTM(2, return_sequences=True)(block(block(inputs))))

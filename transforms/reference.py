@@ -28,6 +28,9 @@ def keras_with_state(model: Any) -> Any:
     initial, final = [], []
     for layer, tensors, output in keras_operations(model):
         arguments = [twins[id(tensor)] for tensor in tensors]
+        if layer is None:  # a nested model's input or output
+            twins[id(output)] = arguments[0]
+            continue
         if isinstance(layer, keras.layers.TimeDistributed):
             # The same per-step math; Keras 3.15's TimeDistributed computes wrong numbers
             # when traced with an unknown number of steps (its vectorized_map path).

@@ -41,17 +41,27 @@ def keras_operations(model: Any) -> list[tuple[Any, list[Any], Any]]:
     """The operations computing a one-input, one-output Keras model (``Sequential`` or
     functional), in an order that computes each value before it is read:
     ``(layer, its input tensors, its output tensor)``, from the model's own graph (a
-    layer called twice appears twice)."""
+    layer called twice appears twice). Models used as layers are opened up: their
+    inputs and outputs appear as ``(None, [tensor], same value)`` entries, aliases."""
     import keras  # deferred: importing Keras costs seconds
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError("the model must have one input and one output")
-    done: dict[int, Any] = {id(model.inputs[0]): model.inputs[0]}
+    done: set[int] = {id(model.inputs[0])}
     order: list[tuple[Any, list[Any], Any]] = []
-    pending = [(model.outputs[0], False)]
+    opened: set[int] = set()
+    # (tensor, arguments computed?, the tensor it aliases or None)
+    pending: list[tuple[Any, bool, Any]] = [(model.outputs[0], False, None)]
     while pending:  # a depth-first walk from the output, without recursion limits
-        tensor, inputs_done = pending.pop()
+        tensor, inputs_done, alias = pending.pop()
         if id(tensor) in done:
+            continue
+        if alias is not None:  # a nested model's input or output
+            if inputs_done:
+                done.add(id(tensor))
+                order.append((None, [alias], tensor))
+            else:
+                pending += [(tensor, True, alias), (alias, False, None)]
             continue
         layer, node_index, tensor_index = tensor._keras_history
         node = layer._inbound_nodes[node_index]
@@ -66,12 +76,21 @@ def keras_operations(model: Any) -> list[tuple[Any, list[Any], Any]]:
                 raise ModelError(f"layer {layer.name!r} ({type(layer).__name__}) is called "
                                  f"with {sorted(node.arguments.kwargs)}: only plain calls "
                                  "on the previous layers' outputs are supported")
-            done[id(tensor)] = tensor
+            done.add(id(tensor))
             order.append((layer, arguments, tensor))
             continue
-        pending.append((tensor, True))
+        if isinstance(layer, keras.Model):
+            if id(layer) in opened or len(layer.inputs) != 1 or len(layer.outputs) != 1:
+                raise ModelError(f"model {layer.name!r}, used as a layer, must have one "
+                                 "input and one output and be called once")
+            opened.add(id(layer))
+            # Its output is its inner output; its inner input is what it is called on.
+            pending += [(tensor, False, layer.outputs[0]),
+                        (layer.inputs[0], False, arguments[0])]
+            continue
+        pending.append((tensor, True, None))
         # Reversed, so a merge's first input is computed first, as Keras orders them.
-        pending += [(t, False) for t in reversed(arguments) if id(t) not in done]
+        pending += [(t, False, None) for t in reversed(arguments) if id(t) not in done]
     return order
 
 
@@ -87,20 +106,26 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
     # Each Keras tensor's value number (see RecurrentStack), and whether it still has a
     # time axis (False after a recurrent layer with return_sequences=False).
     values: dict[int, tuple[int, bool]] = {id(model_input): (0, True)}
+    raw = {id(model_input)}  # the model's input, under every name it has
     input_layer, layers, inputs, raw_readers = None, [], [], []
     for layer, tensors, output in operations:
+        reads = [values[id(tensor)] for tensor in tensors]
+        if layer is None:  # a nested model's input or output: the same value
+            values[id(output)] = reads[0]
+            if id(tensors[0]) in raw:
+                raw.add(id(output))
+            continue
         kind = type(layer).__name__
         if kind == "TimeDistributed" and type(layer.layer).__name__ == "Dense":
             layer, kind = layer.layer, "Dense"
-        reads = [values[id(tensor)] for tensor in tensors]
-        if any(tensor is model_input for tensor in tensors) and kind not in (
+        if any(id(tensor) in raw for tensor in tensors) and kind not in (
                 "Masking", "Embedding"):
             raw_readers.append(layer.name)
         if kind in _IDENTITY_AT_INFERENCE:
             values[id(output)] = reads[0]
             continue
         if kind in ("Masking", "Embedding"):
-            if input_layer or tensors[0] is not model_input:
+            if input_layer or id(tensors[0]) not in raw:
                 raise ModelError(f"{source}: layer {layer.name!r} of type {kind} must be "
                                  "the model's first layer")
             config = layer.get_config()
