@@ -21,9 +21,10 @@ def export_step_savedmodel(keras_model_or_path: Any, export_dir: str) -> str:
     The model must be one seqcarry runs from a ``.keras`` file. A classifier
     (``return_sequences=False``) is marked as one (the ``seqcarry_sequence_output``
     variable), so runs keep each chunk's last output by default, as for its ``.keras``
-    file. A model with an input mask (``Masking``, ``Embedding(mask_zero=True)``) is refused, since one step
-    cannot repeat the previous step's output on a masked step: run the ``.keras``
-    file itself instead. With an ``Embedding``, ``x`` is [B, 1] token ids as float32.
+    file. A model with an input mask (``Masking``, ``Embedding(mask_zero=True)``) is
+    refused, since one step cannot repeat the previous step's output on a masked step:
+    run the ``.keras`` file itself instead. With an ``Embedding``, ``x`` is [B, 1]
+    token ids as float32.
     """
     import keras
     import tensorflow as tf

@@ -45,8 +45,9 @@ per-step layers (``(layer, weights, values it reads) -> value``, on [B, D] or
 * ``_LAYER_MATH[kind]``: ``(layer, weights, inputs [B, T, D], mask [T, B, 1],
   states tuple) -> (output sequence [B, T, U], states tuple)``: a whole window under
   any mask (masked steps keep the state and repeat the previous output, as Keras
-  does). The kernel runs the model layer by layer with these when a layer has no cell (a SavedModel's opaque ``step`` signature: the one path where the
-  kernel does not see the weights) or when the input layer masks steps in the middle
+  does). The kernel runs the model layer by layer with these when a layer has no
+  cell (a SavedModel's opaque ``step`` signature: the one path where the kernel
+  does not see the weights) or when the input layer masks steps in the middle
   of a sequence (Keras ``Masking``, ``Embedding(mask_zero=True)``).
 
 Kinds with cells: LSTM (with TF1's peepholes and projection), GRU, SimpleRNN and
@@ -67,8 +68,7 @@ import numpy as np
 import tensorflow as tf
 
 from transforms.models import (ACTIVATIONS, MERGE_OPERATIONS, BatchNormLayer, CausalConvLayer,
-                               DenseLayer,
-                               EmbeddingLayer, GRULayer, LayerNormLayer, LSTMLayer,
+                               DenseLayer, EmbeddingLayer, GRULayer, LayerNormLayer, LSTMLayer,
                                MaskingLayer, RecurrentStack, SimpleRNNLayer, StepFunctionLayer,
                                masks_inputs)
 

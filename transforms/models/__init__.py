@@ -43,12 +43,12 @@ from transforms.models.tf1_checkpoint import TF1CheckpointLoader, stack_from_tf1
 
 __all__ = [
     "ACTIVATIONS", "MERGE_OPERATIONS", "STEP_SIGNATURE", "LOADERS", "ActivationLayer",
-    "BatchNormLayer", "CausalConvLayer", "DenseLayer", "EmbeddingLayer", "GRULayer", "KerasCheckpointLoader",
-    "KerasLoader", "LSTMLayer", "LayerNormLayer", "MaskingLayer", "MergeLayer",
-    "ModelError", "ModelLoader", "ModelOptions", "RecurrentStack", "SavedModelLoader",
-    "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader", "checkpoint_prefix", "keras_operations",
-    "load_model",
-    "masks_inputs", "object_graph", "read_keras", "stack_from_keras", "stack_from_tf1",
+    "BatchNormLayer", "CausalConvLayer", "DenseLayer", "EmbeddingLayer", "GRULayer",
+    "KerasCheckpointLoader", "KerasLoader", "LSTMLayer", "LayerNormLayer", "MaskingLayer",
+    "MergeLayer", "ModelError", "ModelLoader", "ModelOptions", "RecurrentStack",
+    "SavedModelLoader", "SimpleRNNLayer", "StepFunctionLayer", "TF1CheckpointLoader",
+    "checkpoint_prefix", "keras_operations", "load_model", "masks_inputs", "object_graph",
+    "read_keras", "stack_from_keras", "stack_from_tf1",
 ]
 
 LOADERS: Sequence[ModelLoader] = (KerasLoader(), SavedModelLoader(), KerasCheckpointLoader(),

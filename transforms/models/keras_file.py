@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from transforms.models.description import (ActivationLayer, BatchNormLayer, CausalConvLayer,
-                                           DenseLayer,
-                                           EmbeddingLayer, GRULayer, LayerNormLayer,
+                                           DenseLayer, EmbeddingLayer, GRULayer, LayerNormLayer,
                                            LSTMLayer, MaskingLayer, MergeLayer, ModelError,
                                            ModelLoader, ModelOptions, RecurrentStack,
                                            SimpleRNNLayer, masks_inputs)
