@@ -275,3 +275,16 @@ def test_a_model_used_as_a_layer_is_opened_up(tmp_path):
     block = keras.Sequential([keras.Input((None, INPUT_DIM)), L.Dense(INPUT_DIM)])
     assert "be called once" in refused(
         inputs, L.LSTM(2, return_sequences=True)(block(block(inputs))))
+
+
+def test_a_per_step_layer_called_twice_is_two_layers_with_the_same_weights():
+    inputs = keras.Input((None, INPUT_DIM))
+    norm, dense = L.LayerNormalization(), L.Dense(4, activation="tanh")
+    first = L.LSTM(4, return_sequences=True)(dense(norm(inputs)))
+    second = L.GRU(4, return_sequences=True)(dense(norm(L.Dense(INPUT_DIM)(first))))
+    model = randomized(keras.Model(inputs, L.Add()([first, second])))
+    stack = load_model_from(model)
+    assert [layer.kind for layer in stack.layers].count("layer_norm") == 2
+    features = features_for("plain", seed=11)
+    outputs, _ = run_in_chunks(stack, features)
+    np.testing.assert_allclose(outputs, model(features[None]).numpy()[0], atol=1e-5)

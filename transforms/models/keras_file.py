@@ -133,8 +133,8 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
                            EmbeddingLayer(np.asarray(layer.embeddings), config["mask_zero"]))
             values[id(output)] = (0, True)
             continue
-        converted, sequence = _convert(layer, kind, [sequence for _, sequence in reads],
-                                       input_layer, source)
+        converted, sequence = _convert(layer, kind, [tuple(t.shape) for t in tensors],
+                                       [sequence for _, sequence in reads], input_layer, source)
         layers.append(converted)
         inputs.append(tuple(value for value, _ in reads))
         values[id(output)] = (len(layers), sequence)
@@ -148,9 +148,11 @@ def stack_from_keras(model: Any, source: str) -> RecurrentStack:
                           input_layer=input_layer, sequence_output=sequence_output)
 
 
-def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, source: str
-             ) -> tuple[Any, bool]:
-    """One Keras layer in seqcarry's layout, and whether its output has a time axis."""
+def _convert(layer: Any, kind: str, shapes: list[tuple], sequences: list[bool],
+             input_layer: Any, source: str) -> tuple[Any, bool]:
+    """One Keras layer in seqcarry's layout, given the shapes of the values this call
+    of it reads (a layer called twice has no single ``layer.input``), and whether its
+    output has a time axis."""
     config = layer.get_config()
     name = f"{source}: layer {layer.name!r} of type {kind}"
     if kind in _RECURRENT + ("Conv1D",) and not sequences[0]:
@@ -173,8 +175,8 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
         return DenseLayer(kernel, bias[0] if bias else np.zeros(kernel.shape[1], np.float32),
                           config["activation"]), sequences[0]
     if kind == "LayerNormalization":
-        _feature_axis(config["axis"], len(layer.input.shape), name)
-        width = int(layer.input.shape[-1])
+        _feature_axis(config["axis"], len(shapes[0]), name)
+        width = int(shapes[0][-1])
         weights = list(layer.get_weights())
         gamma = weights.pop(0) if config["scale"] else np.ones(width, np.float32)
         beta = (weights.pop(0) if config["center"] and not config.get("rms_scaling")
@@ -182,8 +184,8 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
         return LayerNormLayer(gamma, beta, float(config["epsilon"]),
                               bool(config.get("rms_scaling"))), sequences[0]
     if kind == "BatchNormalization":
-        _feature_axis(config["axis"], len(layer.input.shape), name)
-        width = int(layer.input.shape[-1])
+        _feature_axis(config["axis"], len(shapes[0]), name)
+        width = int(shapes[0][-1])
         weights = list(layer.get_weights())
         gamma = weights.pop(0) if config["scale"] else np.ones(width, np.float32)
         beta = weights.pop(0) if config["center"] else np.zeros(width, np.float32)
@@ -193,12 +195,12 @@ def _convert(layer: Any, kind: str, sequences: list[bool], input_layer: Any, sou
     if kind == "Activation" or _ACTIVATION_LAYERS.get(kind) == {
             key: config.get(key) for key in _ACTIVATION_LAYERS.get(kind, ())}:
         activation = config["activation"] if kind == "Activation" else kind.lower()
-        return ActivationLayer(activation, int(layer.input.shape[-1])), sequences[0]
+        return ActivationLayer(activation, int(shapes[0][-1])), sequences[0]
     if kind in _MERGES:
-        if kind == "Concatenate" and config["axis"] not in (-1, len(layer.input[0].shape) - 1):
+        if kind == "Concatenate" and config["axis"] not in (-1, len(shapes[0]) - 1):
             raise ModelError(f"{name} concatenates on axis {config['axis']}; only the "
                              "feature axis (-1) is computed step by step")
-        return MergeLayer(_MERGES[kind], tuple(int(t.shape[-1]) for t in layer.input)
+        return MergeLayer(_MERGES[kind], tuple(int(shape[-1]) for shape in shapes)
                           ), sequences[0]
     if kind in _NON_CAUSAL:
         raise ModelError(f"{name} is not supported: it is not causal (its output at a step "
