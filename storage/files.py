@@ -199,24 +199,88 @@ def local_copy_checkpoint(url: str) -> str:
     return target
 
 
-def write_bytes(url: str, data: bytes | pa.Buffer, durable: bool = True) -> None:
+def write_bytes(url: str, data: bytes | pa.Buffer, durable: bool = True,
+                cache: bool = True) -> None:
     """Write ``data`` so that readers see either nothing or all of it; ``durable``
     also flushes it, and the directory entry, to disk before returning (local files).
-    A failed write (disk full, read-only folder) leaves no temporary file behind."""
+    ``cache=False`` keeps a local file out of the page cache (see :class:`_LocalWriter`):
+    for files this machine reads once later or never. A failed write (disk full,
+    read-only folder) leaves no temporary file behind."""
     fs, path = filesystem(url)
     if not isinstance(fs, LocalFileSystem):
         with storage_errors(url, "write"), fs.open(path, "wb") as handle:
             handle.write(data)  # an object appears whole when closed
         return
+    with _local_file(url, path, durable) as temporary, \
+            _LocalWriter(temporary, cache, durable) as out:
+        out.write(data)
+
+
+# A local file written without the page cache goes to disk in pieces of this size.
+UNCACHED_PIECE_BYTES = 16 * 2**20
+
+
+class _LocalWriter(io.RawIOBase):
+    """A local file being written, flushed to disk when closed if ``durable``, and
+    kept out of the page cache with ``cache=False``: every :data:`UNCACHED_PIECE_BYTES`
+    are flushed to disk and dropped from the cache. Staging files and outputs are read
+    once (by a bucket's bundle) or not at all by this machine; cached, they would hold a
+    run's data in memory a second time, which staging exists to avoid. Where a
+    hypervisor lends a machine its memory page by page (the machines seqcarry is
+    developed on), filling fresh cache pages also costs ten times what writing to disk
+    does, and dropped pages are reused warm. With a ``hasher``, every byte written also
+    goes to it."""
+
+    def __init__(self, path: str, cache: bool = True, durable: bool = False, hasher=None):
+        super().__init__()
+        self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._drop = not cache and hasattr(os, "posix_fadvise")  # Linux, not macOS
+        self._durable = durable
+        self._hasher = hasher
+        self._unsynced = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        with memoryview(data) as whole, whole.cast("B") as view:
+            if self._hasher is not None:
+                self._hasher.update(view)
+            for start in range(0, len(view), UNCACHED_PIECE_BYTES):
+                piece = view[start:start + UNCACHED_PIECE_BYTES]
+                self._unsynced += len(piece)
+                while piece:
+                    piece = piece[os.write(self._descriptor, piece):]
+                if self._drop and self._unsynced >= UNCACHED_PIECE_BYTES:
+                    self._drop_written()
+            return len(view)
+
+    def _drop_written(self) -> None:
+        os.fdatasync(self._descriptor)  # only pages on disk can be dropped
+        os.posix_fadvise(self._descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._unsynced = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                if self._durable:
+                    os.fsync(self._descriptor)
+                if self._drop and self._unsynced:
+                    self._drop_written()
+            finally:
+                os.close(self._descriptor)
+        super().close()
+
+
+@contextlib.contextmanager
+def _local_file(url: str, path: str, durable: bool) -> Iterator[str]:
+    """A temporary path to write ``path``'s content to, renamed to ``path`` when the
+    block ends (the rename flushed to disk with ``durable``), removed if it fails."""
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     with storage_errors(url, "write"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                if durable:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+            yield temporary
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -269,15 +333,17 @@ def read_json(url: str) -> Any:
     return parse_json(url, read_bytes(url))
 
 
-def write_table(url: str, table: pa.Table, layer: int | None = None) -> FileRecord:
-    """Write ``table`` as Parquet to ``url`` (all or nothing) and describe what was written."""
+def write_table(url: str, table: pa.Table, layer: int | None = None,
+                cache: bool = True) -> FileRecord:
+    """Write ``table`` as Parquet to ``url`` (all or nothing; ``cache``: see
+    :func:`write_bytes`) and describe what was written."""
     buffer = io.BytesIO()
     # Dictionaries only for ids: float columns never repeat, and trying costs a third
     # of the write.
     pq.write_table(table, buffer, use_dictionary=[
         field.name for field in table.schema if pa.types.is_string(field.type)])
     data = buffer.getvalue()
-    write_bytes(url, data)
+    write_bytes(url, data, cache=cache)
     return FileRecord(url, table.num_rows, hashlib.sha256(data).hexdigest(), layer)
 
 
@@ -371,24 +437,50 @@ class ParquetInput:
                                  f"{str(error).splitlines()[0]}") from error
 
 
-def ipc_file_bytes(table: pa.Table, batch_rows: int) -> pa.Buffer:
-    """``table`` as the bytes of an Arrow IPC file in record batches of ``batch_rows``
-    rows (the last one fewer), so :func:`read_ipc_rows` reads a row range without the
-    rest. IPC costs nothing to encode or decode: for transient files."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        for batch in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+def write_ipc_named_by_content(folder: str, table: pa.Table, batch_rows: int,
+                               cache: bool = True) -> str:
+    """Write ``table`` as an Arrow IPC file in record batches of ``batch_rows`` rows
+    (the last one fewer, so :func:`read_ipc_rows` reads a row range without the rest)
+    into ``folder``, named by the sha256 of its bytes: writing the same table again
+    rewrites the same file. Returns its URL. IPC costs nothing to encode or decode: for
+    transient files. A local file is streamed to disk (``cache``: see
+    :func:`write_bytes`); an object store's is made in memory first, to name it."""
+    batches = table.combine_chunks().to_batches(max_chunksize=batch_rows)
+    fs, _ = filesystem(folder)
+    if not isinstance(fs, LocalFileSystem):
+        sink = pa.BufferOutputStream()
+        _write_ipc(sink, table.schema, batches)
+        data = sink.getvalue()
+        url = join(folder, hashlib.sha256(data).hexdigest()[:32] + ".arrow")
+        write_bytes(url, data, durable=False)
+        return url
+    unnamed, hasher = join(folder, f"unnamed-{uuid.uuid4().hex}.arrow"), hashlib.sha256()
+    with _local_file(unnamed, unnamed, durable=False) as temporary, \
+            _LocalWriter(temporary, cache, hasher=hasher) as out:
+        _write_ipc(pa.PythonFile(out, mode="w"), table.schema, batches)
+    url = join(folder, hasher.hexdigest()[:32] + ".arrow")
+    with storage_errors(url, "write"):
+        os.replace(unnamed, url)
+    return url
+
+
+def _write_ipc(sink, schema: pa.Schema, batches: Sequence[pa.RecordBatch]) -> None:
+    with pa.ipc.new_file(sink, schema) as writer:
+        for batch in batches:
             writer.write_batch(batch)
-    return sink.getvalue()
 
 
-def read_ipc_rows(url: str, start: int, stop: int, batch_rows: int) -> pa.Table:
-    """Rows ``[start, stop)`` of an IPC file made by :func:`ipc_file_bytes`, reading only
-    the record batches that hold them."""
+def read_ipc_rows(url: str, start: int, stop: int, batch_rows: int,
+                  cache: bool = True) -> pa.Table:
+    """Rows ``[start, stop)`` of an IPC file made by :func:`write_ipc_named_by_content`,
+    reading only the record batches that hold them; with ``cache=False``, a local
+    file's pages are dropped from the page cache afterwards (see :func:`write_bytes`)."""
     fs, path = filesystem(url)
     with storage_errors(url, "read"), fs.open(path, "rb") as handle:
         reader = pa.ipc.open_file(handle)
         first, last = start // batch_rows, (stop - 1) // batch_rows
         table = pa.Table.from_batches(
             [reader.get_batch(index) for index in range(first, last + 1)], reader.schema)
+        if not cache and isinstance(fs, LocalFileSystem) and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return table.slice(start - first * batch_rows, stop - start)

@@ -62,3 +62,34 @@ def test_buckets_are_equal_ranges_of_the_hash_space_and_stable():
     counts = np.bincount([sizing.bucket(f"id-{i}") for i in range(10_000)], minlength=7)
     assert len(counts) == 7 and counts.min() > 10_000 / 7 * 0.85
     assert RunSizing(1, 1, 1).bucket("anything") == 0
+
+
+def test_files_kept_out_of_the_page_cache_are_written_whole_in_pieces(tmp_path, monkeypatch):
+    """Staging files and outputs go to disk piece by piece (each dropped from the page
+    cache once flushed): the bytes and the content name are those of an ordinary
+    write, and no temporary file is left."""
+    import hashlib
+    import os
+
+    import pyarrow as pa
+
+    import storage
+    from storage import files
+
+    monkeypatch.setattr(files, "UNCACHED_PIECE_BYTES", 4096)  # many pieces, one partial
+    data = np.random.default_rng(1).bytes(10 * 4096 + 123)
+    for durable in (True, False):
+        url = str(tmp_path / f"durable-{durable}" / "part.bin")
+        storage.write_bytes(url, data, durable=durable, cache=False)
+        assert storage.read_bytes(url) == data
+        assert os.listdir(os.path.dirname(url)) == ["part.bin"]
+
+    table = pa.table({"values": np.arange(20_000, dtype=np.float32)})
+    folder = str(tmp_path / "ipc")
+    url = storage.write_ipc_named_by_content(folder, table, 1024, cache=False)
+    on_disk = storage.read_bytes(url)
+    assert os.path.basename(url) == hashlib.sha256(on_disk).hexdigest()[:32] + ".arrow"
+    assert storage.write_ipc_named_by_content(folder, table, 1024) == url
+    assert os.listdir(folder) == [os.path.basename(url)]
+    rows = storage.read_ipc_rows(url, 1000, 3100, 1024, cache=False)
+    assert rows.column("values").to_pylist() == list(range(1000, 3100))

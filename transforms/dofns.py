@@ -351,7 +351,8 @@ class _WriteRunFile(beam.DoFn):
         ``started``."""
         url = storage.run_file_url(self._outputs_url, self._run_id, self._attempt,
                                    self.kind, part)
-        record = storage.write_table(url, table)
+        # Not kept in this machine's page cache: a run does not read these files back.
+        record = storage.write_table(url, table, cache=False)
         return [(kind, record), _counts({"ms_write": _ms_since(started)})]
 
 

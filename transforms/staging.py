@@ -14,7 +14,6 @@ Memory then follows the bucket size, not the size of the input.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -46,12 +45,11 @@ def stage(chunks: Sequence[Chunk], folder: str) -> StagedChunks:
     order = sorted(range(len(chunks)), key=lambda i: (
         hashes[i], chunks[i].sequence_id, chunks[i].chunk_index, chunks[i].source,
         chunks[i].row if chunks[i].row is not None else -1))
-    # The pending-chunk schema keeps each chunk's run, input file and row.
-    data = storage.ipc_file_bytes(chunks_to_table([chunks[i] for i in order], pending=True),
-                                  BATCH_ROWS)
-    url = storage.join(folder, hashlib.sha256(data).hexdigest()[:32] + ".arrow")
-    # Not synced to disk: a crash loses the attempt that staged it, nothing else.
-    storage.write_bytes(url, data, durable=False)
+    # The pending-chunk schema keeps each chunk's run, input file and row. Each file
+    # is read once, a bucket's rows at a time: it is kept out of the page cache.
+    url = storage.write_ipc_named_by_content(
+        folder, chunks_to_table([chunks[i] for i in order], pending=True), BATCH_ROWS,
+        cache=False)
     return StagedChunks(url, hashes[order])
 
 
@@ -67,5 +65,6 @@ def slices(staged: StagedChunks, buckets: int) -> list[tuple[int, StagedSlice]]:
 def unstage(ranges: Iterable[StagedSlice]) -> list[Chunk]:
     """The chunks of staged row ranges, read back."""
     return [chunk for url, start, stop in ranges
-            for chunk in chunks_from_table(storage.read_ipc_rows(url, start, stop, BATCH_ROWS),
-                                           url, pending=True)]
+            for chunk in chunks_from_table(
+                storage.read_ipc_rows(url, start, stop, BATCH_ROWS, cache=False), url,
+                pending=True)]
