@@ -114,8 +114,7 @@ def test_shards_run_a_batch_in_slices_with_the_same_results():
     one, one_state = StepKernel(stack, shards=1).run(inputs, lengths, zeros)
     sharded = StepKernel(stack, shards=2)
     two, two_state = sharded.run(inputs, lengths, zeros)
-    # Besides the smallest shape, compiled when the kernel decides on XLA.
-    assert sharded.compiled_shapes == {(1, 8, 16), (2, 80, 16)}
+    assert sharded.compiled_shapes == {(2, 80, 16)}
     for row, length in enumerate(lengths):
         np.testing.assert_allclose(two[row, :length], one[row, :length], atol=1e-6)
     for a, b in zip(two_state, one_state):
@@ -129,9 +128,9 @@ def test_xla_can_be_turned_off_by_the_environment(monkeypatch):
     assert StepKernel(random_stack(np.random.default_rng(6))).xla is True
 
 
-def test_a_model_xla_cannot_compile_runs_plain_decided_once_when_the_kernel_is_built(caplog):
+def test_a_model_xla_cannot_compile_runs_plain_decided_once_by_its_first_window(caplog):
     """A step XLA has no kernels for (a round trip through text): the kernel finds out
-    when it is built, says so once, and runs the plain path from the first batch on."""
+    at its first window, says so once, runs that window and every later one plain."""
     import tensorflow as tf
 
     from transforms.models import StepFunctionLayer
@@ -144,12 +143,17 @@ def test_a_model_xla_cannot_compile_runs_plain_decided_once_when_the_kernel_is_b
     layer = StepFunctionLayer(through_text, input_dim=2, output_dim=2, names=("h",),
                               state_sizes=(2,), variables_sha256="none")
     stack = RecurrentStack((layer,), source="test")
+    kernel = StepKernel(stack, window_steps=8, xla=True)
+    assert kernel.traces == 0  # nothing compiled until a window needs it
+    steps = np.arange(1, 21, dtype=np.float32).reshape(1, 10, 2)
     with caplog.at_level("WARNING", logger="seqcarry"):
-        kernel = StepKernel(stack, window_steps=8, xla=True)
+        for _ in range(2):
+            outputs, (h,) = kernel.run(steps, np.array([10]), [np.zeros((1, 2), np.float32)])
+            np.testing.assert_array_equal(outputs[0], np.cumsum(steps[0], axis=0))
+            np.testing.assert_array_equal(h[0], steps[0].sum(axis=0))
     assert kernel.xla is False
     assert [r.getMessage().split()[0] for r in caplog.records] == ["event=xla_unavailable"]
-    steps = np.arange(1, 21, dtype=np.float32).reshape(1, 10, 2)
-    outputs, (h,) = kernel.run(steps, np.array([10]), [np.zeros((1, 2), np.float32)])
-    np.testing.assert_array_equal(outputs[0], np.cumsum(steps[0], axis=0))
-    np.testing.assert_array_equal(h[0], steps[0].sum(axis=0))
+    # Read first, ``xla`` decides by compiling the smallest shape.
+    with caplog.at_level("WARNING", logger="seqcarry"):
+        assert StepKernel(stack, window_steps=8, xla=True).xla is False
     assert StepKernel(random_stack(np.random.default_rng(7)), xla=True).xla is True

@@ -18,9 +18,10 @@ How it is fast (measured on 2 CPU cores, LSTM(128) + Dense(8), input width 32; s
 * **XLA** (``jit_compile``) compiles the loop of one shard. Where XLA is disabled
   (``xla=False`` or ``SEQCARRY_XLA=0``) or cannot compile the model, the same
   functions run as a plain ``tf.function`` (same math, ~1.5x slower, results within
-  float32 rounding of XLA's). Which one is decided once, when the kernel is built, by
-  compiling its smallest shape: a process never switches, and an error at run time is
-  an error. TensorFloat-32 is turned off, so matrix products stay float32 on GPUs
+  float32 rounding of XLA's). Which one is decided once, by the kernel's first
+  window (the first compile it needs anyway; reading ``xla`` before that compiles the
+  smallest shape to decide): a process never switches, and an error after that is an
+  error. TensorFloat-32 is turned off, so matrix products stay float32 on GPUs
   that have it.
 * **Static, bucketed shapes**: time is cut into windows of ``window_steps`` (the last
   one padded up to a power of two), the batch is padded up to a bucket (at most four
@@ -374,10 +375,10 @@ class StepKernel:
     """A compiled, batched, masked step function for one model.
 
     One kernel serves every thread of a process (``run`` is thread-safe). ``xla``:
-    compile with XLA (default: on unless ``SEQCARRY_XLA=0``). The choice is final once
-    the kernel is built: with XLA asked for, it compiles its smallest shape at once,
-    and if XLA cannot compile the model it uses plain tf.functions (``xla`` is then
-    False and an ``event=xla_unavailable`` warning says why). ``shards``: slices of
+    compile with XLA (default: on unless ``SEQCARRY_XLA=0``). With XLA asked for, the
+    first window decides for good: if XLA cannot compile the model, the kernel uses
+    plain tf.functions from then on (``xla`` is then False and an
+    ``event=xla_unavailable`` warning says why). ``shards``: slices of
     the batch run concurrently (default: one per CPU core, at least 64 rows each; 1 on
     a GPU).
 
@@ -397,7 +398,10 @@ class StepKernel:
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.stack = stack
         self.window_steps = window_steps
-        self.xla = xla_enabled_by_default() if xla is None else bool(xla)
+        # None: XLA asked for, not yet tried (see _call_window).
+        self._xla: bool | None = (None if (xla_enabled_by_default() if xla is None else xla)
+                                  else False)
+        self._deciding = threading.Lock()
         self.max_shards = shards or _default_shards()
         self.traces = 0
         self._shapes: set[tuple[int, int, int]] = set()
@@ -413,23 +417,39 @@ class StepKernel:
         # Where each layer's state parts sit among the carried ones (none: per-step).
         self._state_slices = [slice(offsets[k], offsets[k + 1])
                               for k in range(len(stack.layers))]
-        self._window = self._build(self.xla)
-        if self.xla:
-            self._decide_xla()
+        self._window = self._build(self._xla is None)
 
-    def _decide_xla(self) -> None:
-        """Compile the smallest shape (one shard of 8 rows, the shortest window) with
-        XLA; if XLA refuses the model, build the plain path instead, for good."""
-        rows, width = batch_bucket(1), window_width(1, self.window_steps)
-        states = tuple(tf.zeros((rows, size)) for size in self.stack.state_sizes)
-        try:
-            self._window(tf.zeros((rows, width, self.stack.input_dim)),
-                         tf.ones((rows,), tf.int32), states, 1)
-        except _XLA_ERRORS as error:
-            _LOG.warning("event=xla_unavailable fingerprint=%s reason=%s",
-                         self.stack.fingerprint, str(error).strip().splitlines()[0][:300])
-            self.xla = False
-            self._window = self._build(False)
+    @property
+    def xla(self) -> bool:
+        """Whether windows run XLA-compiled. Read before the first window, it decides
+        by compiling the smallest shape (one shard of 8 rows, the shortest window)."""
+        if self._xla is None:
+            rows, width = batch_bucket(1), window_width(1, self.window_steps)
+            self._call_window(tf.zeros((rows, width, self.stack.input_dim)),
+                              tf.ones((rows,), tf.int32),
+                              tuple(tf.zeros((rows, size)) for size in self.stack.state_sizes),
+                              1)
+        return self._xla
+
+    def _call_window(self, *arguments):
+        """The window function on ``arguments``. The first call with XLA undecided
+        decides: if XLA refuses the model, the plain path is built, for good."""
+        if self._xla is not None:
+            return self._window(*arguments)
+        with self._deciding:
+            if self._xla is None:
+                try:
+                    result = self._window(*arguments)
+                except _XLA_ERRORS as error:
+                    _LOG.warning("event=xla_unavailable fingerprint=%s reason=%s",
+                                 self.stack.fingerprint,
+                                 str(error).strip().splitlines()[0][:300])
+                    self._window = self._build(False)
+                    self._xla = False
+                else:
+                    self._xla = True
+                    return result
+        return self._window(*arguments)
 
     @property
     def compiled_shapes(self) -> frozenset[tuple[int, int, int]]:
@@ -539,7 +559,7 @@ class StepKernel:
         window_inputs[:batch, :longest] = inputs[:, :longest]
         # Padded rows run as long as the longest real row: no extra masked steps.
         window_lengths = np.concatenate([lengths, np.full(padded - batch, longest, np.int32)])
-        window_outputs, new_states = self._window(
+        window_outputs, new_states = self._call_window(
             tf.constant(window_inputs), tf.constant(window_lengths),
             tuple(tf.constant(_pad_rows(np.asarray(s, np.float32), padded)) for s in states),
             shards)

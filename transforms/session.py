@@ -69,8 +69,9 @@ class LoadedModel:
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
         self.progress = Progress()
-        _LOG.info("event=model_loaded fingerprint=%s xla=%s seconds=%.2f",
-                  self.stack.fingerprint, str(self.kernel.xla).lower(), self.load_seconds)
+        # Whether it runs XLA-compiled is decided by its first window (batches_xla).
+        _LOG.info("event=model_loaded fingerprint=%s seconds=%.2f", self.stack.fingerprint,
+                  self.load_seconds)
 
     def open_session(self) -> "StepSession":
         # Metrics need a running step, which setup() is not: the first session of the
