@@ -228,8 +228,14 @@ def matrices_from_array(column: pa.Array | pa.ChunkedArray, what: str) -> list[n
 def rows_flagged(flags: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Which rows hold a set flag, row r holding ``flags[bounds[r]:bounds[r + 1]]``
     (a bool per row): checks over a whole column at once, without a loop per row."""
+    return rows_holding(np.flatnonzero(flags), bounds)
+
+
+def rows_holding(positions: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Which rows hold one of ``positions``, row r holding ``[bounds[r], bounds[r + 1])``
+    (a bool per row)."""
     rows = np.zeros(len(bounds) - 1, bool)
-    rows[np.searchsorted(bounds, np.flatnonzero(flags), side="right") - 1] = True
+    rows[np.searchsorted(bounds, positions, side="right") - 1] = True
     return rows
 
 

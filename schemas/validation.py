@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from schemas.contract import Chunk, DeadLetter, rows_flagged
+from schemas.contract import Chunk, DeadLetter, rows_flagged, rows_holding
 
 # Stable reason codes of records rejected when read (see README, "Input accounting").
 MISSING_COLUMN = "missing_column"          # a record lacks a required column
@@ -192,6 +192,27 @@ def _row_record(table: pa.Table, row: int) -> str:
         return record_json(record)
 
 
+def _rows_with_nulls(array: pa.Array, bounds: np.ndarray) -> np.ndarray:
+    """Which rows hold a null of ``array`` (see :func:`rows_flagged`); without a null
+    in it, no per-value flags are made."""
+    if not array.null_count:
+        return np.zeros(len(bounds) - 1, bool)
+    return rows_flagged(array.is_null().to_numpy(zero_copy_only=False), bounds)
+
+
+# Values checked at once: the check's temporary arrays stay small and are reused.
+CHECK_BLOCK_VALUES = 2**20
+
+
+def _rows_failing(values: np.ndarray, bounds: np.ndarray, passes) -> np.ndarray:
+    """Which rows hold a value for which ``passes`` (a numpy ufunc) is False, checked
+    a block of values at a time (a whole batch's flags would be as large as its values)."""
+    failing = [start + np.flatnonzero(~passes(values[start:start + CHECK_BLOCK_VALUES]))
+               for start in range(0, len(values), CHECK_BLOCK_VALUES)]
+    return rows_holding(np.concatenate(failing) if failing else np.zeros(0, np.int64),
+                        bounds)
+
+
 def validate_chunks(table: pa.Table, source: str, input_dim: int,
                     allow_non_finite: bool = False, arrived_in_run: str = "",
                     vocabulary: int | None = None, first_row: int | None = 0
@@ -248,14 +269,13 @@ def validate_chunks(table: pa.Table, source: str, input_dim: int,
     value_bounds = inner[outer]  # row r's values are [value_bounds[r], value_bounds[r+1])
     widths = np.diff(inner)
     empty = matrix.is_null().to_numpy(zero_copy_only=False) | (np.diff(outer) == 0)
-    has_null = (rows_flagged(matrix.values.is_null().to_numpy(zero_copy_only=False), outer)
-                | rows_flagged(matrix.values.values.is_null().to_numpy(zero_copy_only=False),
-                               value_bounds))
+    has_null = (_rows_with_nulls(matrix.values, outer)
+                | _rows_with_nulls(matrix.values.values, value_bounds))
     off_width = rows_flagged(widths != input_dim, outer)
     with np.errstate(invalid="ignore", over="ignore"):
         floats = values.astype(np.float32, copy=False)
         non_finite = (np.zeros(rows, bool) if allow_non_finite
-                      else rows_flagged(~np.isfinite(floats), value_bounds))
+                      else _rows_failing(floats, value_bounds, np.isfinite))
         # Ids are checked as given, and must also survive float32 (2**24 and above may not).
         not_token = (np.zeros(rows, bool) if vocabulary is None else rows_flagged(
             (values != np.floor(values)) | (values < 0) | (values >= vocabulary)
