@@ -6,9 +6,10 @@ process run on one synthetic workload, and the ratios between them.
   (c) seed      one sequence at a time (batch 1), chunk by chunk, (h, c) carried by hand
   (d) kernel    seqcarry's batched step alone, on in-memory arrays
 
-and three scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
+and four scaling cases (bench/scaling.py): a run touching 1% of a 100,000-sequence
 snapshot vs the same run against those 1,000 alone, peak RSS for 10x more sequences,
-and one 60,000-step sequence alone vs with 255 one-step sequences beside it;
+one 60,000-step sequence alone vs with 255 one-step sequences beside it, and
+``seqcarry run`` over one small chunk as a command, start to exit;
 and the launcher's planning of a run over 10,000 input files on gs:// (fake-gcs-server
 behind 50 ms of latency per request, bench/planning.py): seconds, memory, requests.
 
@@ -197,6 +198,7 @@ def main(argv=None) -> dict:
     memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
                             max(32, int(MEMORY_SEQUENCES * args.scale)), MEMORY_STEPS)
     padding = scaling.padding(args.workdir, model_path, INPUT_DIM)
+    small = scaling.small_run(args.workdir, model_path, INPUT_DIM)
     planned = planning.bench_planning(max(1_000, int(planning.FILES * args.scale)))
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
@@ -230,12 +232,18 @@ def main(argv=None) -> dict:
           f"{padding['seconds_with_short']:.2f} s, {padding['peak_rss_mib_with_short']:,.0f} "
           f"MiB: {padding['time_ratio']:.2f}x time, {padding['rss_ratio']:.2f}x memory "
           "(target <= 1.3 each)")
+    print(f"small run: `seqcarry run` over one {scaling.CHUNK_STEPS}-step chunk "
+          f"{small['wall_seconds']:.2f} s start to exit, its job {small['job_seconds']:.2f} "
+          f"s (target < 2.5 s); a fresh interpreter imports TensorFlow in "
+          f"{small['import_tensorflow_seconds']:.2f} s, Beam in "
+          f"{small['import_beam_seconds']:.2f} s")
     print(planning.summary_line(planned))
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
               "kernel_fraction_of_matmul_chain": rates["d_kernel"] / ceiling,
               "matmul_chain_row_steps_per_second": ceiling,
               "ratios": ratios, "targets": targets, "incremental": incremental,
-              "memory": memory, "padding": padding, "planning": planned, "pipeline_report": report}
+              "memory": memory, "padding": padding, "small_run": small, "planning": planned,
+              "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2, default=str)

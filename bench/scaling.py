@@ -6,6 +6,9 @@
   less than 1.3x).
 * padding: one 60,000-step sequence alone, and with 255 one-step sequences in the same
   run (issue 18: at most 1.3x, in peak RSS and in seconds).
+* small run: ``seqcarry run`` over one 128-step chunk, as a command, start to exit: the
+  fixed cost every daily run pays (issue 18: under 2.5 s), beside what importing
+  TensorFlow and Beam alone costs in a fresh interpreter.
 
 Runs whose memory is measured each run in a fresh process, so each peak is its own.
 """
@@ -15,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -137,3 +141,36 @@ def padding(root: str, model_path: str, input_dim: int) -> dict:
             "seconds_with_short": with_short["seconds"],
             "rss_ratio": with_short["peak_rss_mib"] / alone["peak_rss_mib"],
             "time_ratio": with_short["seconds"] / alone["seconds"]}
+
+
+def small_run(root: str, model_path: str, input_dim: int) -> dict:
+    """Wall seconds of ``seqcarry run`` over one small chunk as a new process, start to
+    exit, with the job's own seconds (planning to commit) from its report; and of a
+    fresh interpreter importing TensorFlow, then Beam (what every run starts with)."""
+    import storage
+    from pipeline.demo import write_chunk_files
+    from schemas import Chunk
+
+    rng = np.random.default_rng(5)
+    chunk_dir = os.path.join(root, "small-chunks")
+    write_chunk_files(chunk_dir, [Chunk("one", 0, rng.normal(size=(CHUNK_STEPS, input_dim))
+                                        .astype(np.float32))], files=1, rng=rng)
+    state = os.path.join(root, "small-state")
+    command = [sys.executable, "-m", "pipeline", "run", "--model", model_path, "--chunks",
+               chunk_dir, "--state", state, "--outputs", os.path.join(root, "small-out"),
+               "--run-id", "small"]
+    wall = _wall_seconds(command)
+    store = storage.StateStore(state)
+    job_seconds = store.report("small", store.current().attempt)["seconds"]
+    imports = {name: _wall_seconds([sys.executable, "-c", f"import {name}"])
+               for name in ("tensorflow", "apache_beam")}
+    return {"wall_seconds": wall, "job_seconds": job_seconds,
+            "import_tensorflow_seconds": imports["tensorflow"],
+            "import_beam_seconds": imports["apache_beam"]}
+
+
+def _wall_seconds(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": ".", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return time.perf_counter() - started
