@@ -9,7 +9,7 @@ from schemas import CarriedState, Chunk
 from tests.oracle import numpy_lstm
 from tests.test_kernel import INPUT_DIM, oracle_weights, random_stack
 from transforms.kernel import StepKernel
-from transforms.sequencing import SequenceWork, run_batch, run_continuous
+from transforms.sequencing import SequenceWork, batch_capacity, run_batch, run_continuous
 
 
 def works_of(rng, stack, lengths):
@@ -94,12 +94,28 @@ def test_a_long_sequence_among_short_ones_costs_about_what_it_costs_alone(monkey
 
     monkeypatch.setattr(kernel, "run_window", counted)
     works = works_of(rng, stack, [4000] + [1] * 255)
-    list(run_continuous(kernel, works, 256))
-    together = sum(computed)
+    results = list(run_continuous(kernel, works, 256))
+    together, shapes = sum(computed), set(kernel.compiled_shapes)
     computed.clear()
     list(run_continuous(kernel, works[:1], 256))
     alone = sum(computed)
-    assert together <= 1.3 * alone, (together, alone)
+    # The short ones ride beside the long one in the rows it runs on alone: no wider
+    # shape to compile, no extra row-steps.
+    assert together == alone and shapes == kernel.compiled_shapes == {(1, 8, 16)}
+    outputs = {(o.sequence_id, o.chunk_index): o.outputs for r in results for o in r.outputs}
+    for work in works[:3]:
+        got = np.concatenate([outputs[c.sequence_id, c.chunk_index] for c in work.chunks])
+        np.testing.assert_allclose(got, expected(stack, work)[0], atol=1e-5)
+
+
+def test_a_batch_takes_no_more_sequences_than_keep_the_longest_busy():
+    padded = StepKernel(random_stack(np.random.default_rng(15)), shards=2).padded_rows
+    assert batch_capacity([1024] * 2048, 256, padded) == 256  # equal lengths: every slot
+    assert batch_capacity([64] * 100, 256, padded) == 112  # 100 rows pad to 112 anyway
+    assert batch_capacity([60_000] + [1] * 255, 256, padded) == 8
+    # 265,000 steps over a 10,000-step critical path: 27 rows, padded to 28.
+    assert batch_capacity([10_000] + [1_000] * 255, 256, padded) == 28
+    assert batch_capacity([], 256, padded) == 1
 
 
 def test_the_last_few_sequences_of_a_bucket_do_not_compile_a_shape_of_their_own():

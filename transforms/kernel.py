@@ -506,6 +506,11 @@ class StepKernel:
                      for kind, math in _LAYER_MATH.items()}
         return self._graph(inputs, states, with_mask)
 
+    def padded_rows(self, batch: int) -> int:
+        """The rows a batch of ``batch`` rows runs on, padding included."""
+        shards, rows_per_shard = self._layout(batch)
+        return shards * rows_per_shard
+
     def _layout(self, batch: int) -> tuple[int, int]:
         """(shards, rows per shard) for a batch of ``batch`` rows."""
         shards = max(1, min(self.max_shards, batch // MIN_SHARD_ROWS))

@@ -277,18 +277,19 @@ class _Feed:
         self._recorded = 0  # steps whose outputs were offered to keep()
         self.outputs: list[np.ndarray] = []
 
-    def take(self, steps: int) -> np.ndarray:
-        """The next ``steps`` steps of features."""
-        pieces = []
-        while steps:
-            piece = self._pieces[self._next][self._offset:self._offset + steps]
-            pieces.append(piece)
-            steps -= len(piece)
+    def take_into(self, window: np.ndarray) -> None:
+        """Copy the next ``len(window)`` steps of features into ``window`` (a row of
+        the batch's window: a window across chunks is never concatenated first)."""
+        filled = 0
+        while filled < len(window):
+            piece = self._pieces[self._next][self._offset:
+                                             self._offset + len(window) - filled]
+            window[filled:filled + len(piece)] = piece
+            filled += len(piece)
             self._offset += len(piece)
             if self._offset == len(self._pieces[self._next]):
                 self._next, self._offset = self._next + 1, 0
-        self.remaining -= sum(len(piece) for piece in pieces)
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        self.remaining -= filled
 
     def keep(self, outputs: np.ndarray) -> None:
         """Keep what is wanted of the outputs [steps, width] of the steps just run."""
@@ -350,6 +351,18 @@ def _batch_rows(rows: int, running: int, steps_left: int) -> int:
     return target if (rows - target) * steps_left >= SHRINK_MIN_ROW_STEPS else rows
 
 
+def batch_capacity(steps: Sequence[int], slots: int, padded_rows) -> int:
+    """How many sequences of ``steps`` run at once, at most ``slots``: no more than
+    keep the longest one busy. On R rows, continuous batching finishes the work in
+    about max(longest, total / R) steps, so rows beyond total / longest shorten
+    nothing; they only add padding, and maybe a shape to compile (about a second). The
+    count is rounded up to the rows the kernel pads it to anyway (``padded_rows``), so
+    a long sequence's short neighbours ride in rows it would run regardless."""
+    if not steps:
+        return 1
+    return max(1, min(slots, padded_rows(-(-sum(steps) // max(steps)))))
+
+
 def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
                    last_only: bool = False) -> Iterator[BatchResult]:
     """Run ``works`` through ``kernel`` (a StepKernel) on ``slots`` batch rows, one
@@ -357,9 +370,10 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     sequence batcher and LLM servers do. A row whose sequence has run all its steps
     takes the next waiting sequence (with its own carried state) at the next window;
     once none waits, the batch shrinks to the rows still running (by halves, so few
-    shapes are compiled; see :func:`_batch_rows`). So one long sequence among many
-    short ones costs about what it costs alone, and no array holds more than one
-    window of the batch.
+    shapes are compiled; see :func:`_batch_rows`). The batch holds no more sequences
+    than keep the longest one busy (:func:`batch_capacity`). So one long sequence
+    among many short ones costs about what it costs alone, and no array holds more
+    than one window of the batch.
 
     Sequences start longest first, in an order fixed by (steps, sequence_id), so a
     retried bundle computes exactly the same bits. Yields a :class:`BatchResult` each
@@ -368,13 +382,14 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     """
     stack = kernel.stack
     waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
-    rows = min(slots, len(waiting))
+    capacity = batch_capacity([work.steps for work in works], slots, kernel.padded_rows)
+    rows = min(capacity, len(waiting))
     running: list[_Feed] = []
     states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
     done: list[tuple[list[ChunkOutput], CarriedState, bool]] = []
     while waiting or running:
         joining = [_Feed(waiting.popleft(), last_only)
-                   for _ in range(min(len(waiting), slots - len(running)))]
+                   for _ in range(min(len(waiting), capacity - len(running)))]
         if joining:
             running += joining
             states = [np.concatenate([part, np.stack([feed.work.carried.tensors[index]
@@ -384,7 +399,7 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
         lengths = np.minimum([feed.remaining for feed in running], kernel.window_steps)
         inputs = np.zeros((len(running), int(lengths.max()), stack.input_dim), np.float32)
         for row, feed in enumerate(running):
-            inputs[row, :lengths[row]] = feed.take(int(lengths[row]))
+            feed.take_into(inputs[row, :lengths[row]])
         rows = _batch_rows(rows, len(running), steps_left)
         outputs, states = kernel.run_window(inputs, lengths, states, rows)
         still = []
