@@ -17,9 +17,12 @@ Versions (environment variables):
                                  when Maven serves it.
 Ports: FLINK_REST_PORT (8081), FLINK_RPC_PORT (6123), FLINK_JOB_PORT (8099; +1 artifacts,
 +2 expansion), FLINK_WORKER_POOL_PORT (50000). FLINK_RESTART_ATTEMPTS (2): how often a
-failed job restarts, 5 s apart (0: never). FLINK_RUN_DIR (build/flink): where a cluster
-keeps its configuration, logs, PID files and temporary files, so that several clusters
-(the tests' own, on other ports) can share the installation cached in build/flink/.
+failed job restarts, 5 s apart (0: never); a restarted job that cannot get its slots (a
+TaskManager gone for good) fails after 120 s each time, not after Flink's 300 s.
+FLINK_RUN_DIR (build/flink): where a cluster keeps its configuration, logs, PID files
+(and each TaskManager's ResourceID, new at each start) and temporary files, so that
+several clusters (the tests' own, on other ports) can share the installation cached in
+build/flink/.
 
 Beam's runner classes are on the TaskManagers' own class path (parent-first), so the SDK
 workers of a job outlive each stage (--environment_cache_millis): with the job's copy of
@@ -61,6 +64,7 @@ JAR = os.path.join(HOME, f"beam-runners-flink-{FLINK_MINOR}-job-server-{BEAM_JAV
 
 # name -> what to run; the order is the start order (stopped in reverse)
 SERVICES = ("jobmanager", "taskmanager-1", "taskmanager-2", "job-server", "worker-pool")
+TASKMANAGERS = ("taskmanager-1", "taskmanager-2")
 
 
 def log(message: str) -> None:
@@ -188,6 +192,14 @@ def write_conf() -> None:
         "classloader.resolve-order": "parent-first",
         # A killed TaskManager is noticed in seconds, not after the default 50 s.
         "heartbeat.interval": 2000, "heartbeat.timeout": 10000,
+        # A (restarted) batch job whose slots cannot be had, as when a TaskManager is gone
+        # and none replaces it, fails after this long, then restarts (if it may) and waits
+        # again. Flink's default, 300 s, made a job that lost a TaskManager for good wait
+        # 2 x 300 s before it failed ("NoResourceAvailableException: Slot request bulk is
+        # not fulfillable! ... Timeout has occurred: 300000 ms"): its launcher looked hung.
+        # A replacement TaskManager registered 15-20 s after the kill on an idle machine,
+        # 72 s into a full `make test` on 2 cores: 120 s, twice (two restarts), leave room.
+        "slot.request.timeout": 120000,
         # The job server (it reads this file too) gives up on an unreachable
         # --flink_master after ~3 s, not after 20 tries 3 s apart.
         "rest.retry.max-attempts": 3, "rest.retry.delay": 1000,
@@ -210,6 +222,20 @@ def pid_file(name: str) -> str:
     return os.path.join(PIDS, name + ".pid")
 
 
+def id_file(name: str) -> str:
+    """A TaskManager's ResourceID (``taskmanager.resource-id``), new at each start: how
+    the JobManager's REST API names it, so `up` can wait for that very JVM."""
+    return os.path.join(PIDS, name + ".id")
+
+
+def resource_id(name: str) -> str | None:
+    try:
+        with open(id_file(name)) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
 def running(name: str) -> int | None:
     """The PID of a service started by `up`, if that process still runs."""
     try:
@@ -225,13 +251,20 @@ def running(name: str) -> int | None:
 def start(name: str, command: list[str], env: dict) -> subprocess.Popen:
     os.makedirs(PIDS, exist_ok=True)
     os.makedirs(LOGS, exist_ok=True)
+    if name in TASKMANAGERS:
+        ident = f"{name}-{os.urandom(3).hex()}"
+        command = [*command, f"-Dtaskmanager.resource-id={ident}"]
+        with open(id_file(name), "w") as handle:
+            handle.write(ident + "\n")
     with open(os.path.join(LOGS, name + ".log"), "ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, cwd=RUN_DIR,
                                    start_new_session=True)
     with open(pid_file(name), "w") as handle:
         handle.write(f"{process.pid}\n")
-    log(f"started {name} (pid {process.pid}, log {os.path.join(LOGS, name + '.log')})")
+    log(f"started {name} (pid {process.pid}"
+        + (f", ResourceID {resource_id(name)}" if name in TASKMANAGERS else "")
+        + f", log {os.path.join(LOGS, name + '.log')})")
     return process
 
 
@@ -268,16 +301,26 @@ def port_open(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
-def taskmanagers() -> int:
+def registered() -> list[str]:
+    """The ResourceIDs of the TaskManagers the JobManager has registered. One that was
+    killed stays on it until its heartbeat times out (heartbeat.timeout)."""
     try:
-        with urllib.request.urlopen(f"http://{HOST}:{REST_PORT}/overview", timeout=2) as r:
-            return int(json.load(r).get("taskmanagers", 0))
-    except (OSError, ValueError):
-        return 0
+        with urllib.request.urlopen(f"http://{HOST}:{REST_PORT}/taskmanagers",
+                                    timeout=2) as r:
+            return [tm["id"] for tm in json.load(r).get("taskmanagers", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def ready() -> bool:
-    return taskmanagers() >= 2 and port_open(JOB_PORT) and port_open(POOL_PORT)
+    """Two TaskManagers registered, each of them the JVM started last under its name:
+    a replacement counts once it registered, not the dead one it replaces, which the
+    JobManager still lists for up to heartbeat.timeout (so `up` used to return before
+    the replacement had registered, or had even started its JVM)."""
+    ids = registered()
+    wanted = [resource_id(name) for name in TASKMANAGERS]
+    return (len(ids) >= 2 and all(ident in ids for ident in wanted if ident)
+            and port_open(JOB_PORT) and port_open(POOL_PORT))
 
 
 def up(timeout_s: float = 180) -> None:
@@ -315,7 +358,8 @@ def up(timeout_s: float = 180) -> None:
                      + (f" ({', '.join(dead)} exited)" if dead else ""))
         time.sleep(1)
     log(f"ready in {time.monotonic() - began:.1f} s: JobManager http://{HOST}:{REST_PORT}, "
-        f"2 TaskManagers, job server {HOST}:{JOB_PORT}, worker pool {HOST}:{POOL_PORT}")
+        f"TaskManagers {', '.join(filter(None, map(resource_id, TASKMANAGERS)))}, "
+        f"job server {HOST}:{JOB_PORT}, worker pool {HOST}:{POOL_PORT}")
     log(f"or, with a job server per run: --runner=FlinkRunner "
         f"--flink_master={HOST}:{REST_PORT} --flink_job_server_jar={JAR} "
         f"--environment_type=PROCESS --environment_options=process_command={BOOT} --parallelism=2")
@@ -341,15 +385,17 @@ def down() -> None:
             else:
                 os.killpg(pid, signal.SIGKILL)
             log(f"stopped {name} (pid {pid})")
-        if os.path.exists(pid_file(name)):
-            os.remove(pid_file(name))
+        for path in (pid_file(name), id_file(name)):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def status() -> None:
     for name in SERVICES:
         pid = running(name)
-        print(f"{name}: {'pid ' + str(pid) if pid else 'not running'}")
-    print(f"taskmanagers registered: {taskmanagers()}")
+        ident = f" (ResourceID {resource_id(name)})" if name in TASKMANAGERS and pid else ""
+        print(f"{name}: {'pid ' + str(pid) if pid else 'not running'}{ident}")
+    print(f"taskmanagers registered: {', '.join(registered()) or 'none'}")
 
 
 if __name__ == "__main__":

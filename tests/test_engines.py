@@ -4,6 +4,7 @@ Flink cluster (a JobManager and two TaskManagers, ``make flink-up``'s). On each,
 chunked, shuffled runs equal Keras on every whole sequence, with the state and outputs
 on local disk and on gs:// (fake-gcs-server); on Flink, a TaskManager killed in the
 middle of a job, with Flink's restart strategy on and off, and the launcher killed."""
+import collections
 import contextlib
 import json
 import logging
@@ -27,6 +28,15 @@ from transforms.reference import keras_whole_sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One pytest-xdist worker runs them all: they share the job service, Prism and Flink.
 pytestmark = pytest.mark.xdist_group("engines")
+# How long one `seqcarry run` on Flink may take before the test kills it and fails with
+# what Flink says. Measured: 40-70 s a run alone, up to 234 s with both cores kept busy
+# by other processes (a TaskManager killed in it, the launcher's start-up 116 s of it);
+# a job that lost its slots for good fails by itself within about 250 s.
+FLINK_LAUNCH_TIMEOUT_S = 600
+
+
+def _tail(text: str, lines: int, width: int = 400) -> str:
+    return "\n".join(line[:width] for line in text.splitlines()[-lines:])
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -112,7 +122,87 @@ class FlinkCluster:
 
     def pid(self, service: str) -> int:
         with open(os.path.join(self.run_dir, "run", service + ".pid")) as handle:
-            return int(handle.read())
+            return int(handle.read().split()[0])
+
+    def resource_id(self, service: str) -> str:
+        """The ResourceID ``flink.py`` gave the TaskManager it started last as ``service``."""
+        with open(os.path.join(self.run_dir, "run", service + ".id")) as handle:
+            return handle.read().strip()
+
+    def kill(self, service: str) -> None:
+        """SIGKILL ``service`` and wait until its process is gone (or a zombie), so that
+        ``up`` cannot take the dying JVM for a live one."""
+        pid = self.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                        return
+            except OSError:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{service} (pid {pid}) still runs 30 s after SIGKILL")
+
+    def diagnose(self, job: str | None = None) -> str:
+        """What Flink says: the jobs, ``job``'s state, vertices and exceptions, the
+        TaskManagers registered and the services' log tails (for assertion messages)."""
+        parts = []
+        try:
+            parts.append("--- Flink jobs: " + "; ".join(
+                f"{j['jid']} {j['name']} {j['state']} tasks={j['tasks']}"
+                for j in self.rest("/jobs/overview")["jobs"]))
+            if job:
+                details = self.rest(f"/jobs/{job}")
+                vertices = collections.Counter(v["status"] for v in details["vertices"])
+                parts.append(f"--- job {job}: {details['state']}; vertices {dict(vertices)}; "
+                             "not created or finished: " + "; ".join(
+                                 f"{v['name'][:80]} {v['status']}" for v in details["vertices"]
+                                 if v["status"] not in ("CREATED", "FINISHED")))
+                history = self.rest(f"/jobs/{job}/exceptions").get(
+                    "exceptionHistory", {}).get("entries", [])
+                for entry in history[:3]:  # the newest first: what failed, and why
+                    trace = (entry.get("stacktrace") or "").splitlines()
+                    parts.append(f"--- failure of job {job} on {entry.get('location')}: "
+                                 + "\n".join(line[:300] for line in trace[:2] + [
+                                     line for line in trace if line.startswith("Caused by")]))
+            now_ms = time.time() * 1000  # Flink's "timeSinceLastHeartbeat" is a time stamp
+            parts.append("--- TaskManagers registered: " + "; ".join(
+                f"{tm['id']} slots={tm['slotsNumber']} free={tm['freeSlots']} last heartbeat "
+                f"{(now_ms - tm.get('timeSinceLastHeartbeat', now_ms)) / 1000:.0f} s ago"
+                for tm in self.rest("/taskmanagers")["taskmanagers"]))
+        except (OSError, ValueError, KeyError) as error:
+            parts.append(f"--- Flink's REST API: {error!r}")
+        status = subprocess.run([sys.executable, os.path.join(ROOT, "engines", "flink.py"),
+                                 "status"], env=self.env, capture_output=True, text=True,
+                                timeout=60)
+        parts.append("--- flink.py status\n" + status.stdout.strip())
+        logs = os.path.join(self.run_dir, "log")
+        with open(os.path.join(logs, "jobmanager.log"), errors="replace") as handle:
+            events = [line for line in handle if any(key in line for key in (
+                "switched from state", "Registering TaskManager", "no longer reachable",
+                "NoResourceAvailableException", "Timeout has occurred"))]
+        parts.append("--- jobmanager.log (job states, TaskManagers)\n"
+                     + _tail("".join(events), 30))
+        for name in ("jobmanager", "taskmanager-1", "taskmanager-2", "job-server"):
+            path = os.path.join(logs, name + ".log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as handle:
+                    parts.append(f"--- {path} (tail)\n" + _tail(handle.read(), 20))
+        return "\n".join(parts)
+
+    def finish(self, launcher: subprocess.Popen, job: str | None) -> str:
+        """``launcher``'s stderr once it exits; after FLINK_LAUNCH_TIMEOUT_S, it is
+        killed and the test fails with its stderr and what Flink says about ``job``."""
+        try:
+            return launcher.communicate(timeout=FLINK_LAUNCH_TIMEOUT_S)[1]
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+        err = launcher.communicate()[1]
+        pytest.fail(f"`seqcarry run` did not end within {FLINK_LAUNCH_TIMEOUT_S} s (killed); "
+                    f"its stderr (tail):\n{_tail(err, 20)}\n{self.diagnose(job)}",
+                    pytrace=False)
 
     def rest(self, path: str) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_port}{path}",
@@ -123,13 +213,19 @@ class FlinkCluster:
         """The id of the job ``launcher`` submitted, once tasks of it are running."""
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            if launcher.poll() is not None:
+                raise AssertionError(f"the launcher exited {launcher.returncode} before its "
+                                     f"job ran:\n{launcher.communicate()[1][-3000:]}\n"
+                                     f"{self.diagnose()}")
             for job in self.rest("/jobs/overview")["jobs"]:
                 if (job["jid"] not in known and job["state"] == "RUNNING"
                         and job["tasks"]["running"] > 0):
                     return job["jid"]
             time.sleep(0.2)
-        raise AssertionError("no job of the launcher ran within 300 s")
+        launcher.kill()
+        err = launcher.communicate()[1]
+        raise AssertionError(f"no job of the launcher ran within 300 s (launcher killed); "
+                             f"its stderr (tail):\n{_tail(err, 20)}\n{self.diagnose()}")
 
     def job_ids(self) -> set[str]:
         return {job["jid"] for job in self.rest("/jobs/overview")["jobs"]}
@@ -177,35 +273,53 @@ def test_three_chunked_runs_on_a_real_engine_equal_the_whole_sequence(workload, 
     print(f"{engine} ({where}): three runs in {elapsed:.1f} s, max abs diff {worst:.3g}")
 
 
+# The launches below each end within FLINK_LAUNCH_TIMEOUT_S or fail saying why: room for
+# that to happen before pytest-timeout stops the test without Flink's side of the story.
+@pytest.mark.timeout(1800)
 def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, bucket):
     """State and outputs on gs://. Run 1: a TaskManager is SIGKILLed mid-job with the
     restart strategy on (the cluster's: two restarts): Flink restarts the job and it
     commits. Run 2, on the cluster restarted without restarts: the job fails, exit 5,
     nothing is committed; the rerun commits. Run 3: the launcher is SIGKILLed once the job runs:
     the job still commits, exactly once (a relaunch finds the run id taken: exit 4).
-    The three runs together equal Keras on every whole sequence."""
+    The three runs together equal Keras on every whole sequence. A launch that does not
+    end within FLINK_LAUNCH_TIMEOUT_S fails the test with Flink's logs and job states."""
     model, whole = workload[0], workload[1]
     directories = write_chunked_runs(whole, tmp_path)
     state = f"{bucket}/state"
     store = storage.StateStore(state)
+    took: list[str] = []  # how long each launch ran, for the printed summary
+    launched = [0.0]
 
     def launch(run: int, *extra: str) -> subprocess.Popen:
+        launched[0] = time.monotonic()
         return subprocess.Popen(
             [SEQCARRY, "run", "--model", model, "--chunks", directories[run - 1],
              "--state", state, "--outputs", f"{bucket}/outputs", "--run-id", f"run-{run}",
              "--batch-size", "4", "--window-steps", "16", *flink.flags, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def finish(launcher: subprocess.Popen, job: str | None, what: str) -> str:
+        err = flink.finish(launcher, job)
+        took.append(f"{what} {time.monotonic() - launched[0]:.0f} s")
+        return err
+
     def kill_a_taskmanager_mid_job(launcher: subprocess.Popen) -> str:
         job = flink.running_job(launcher, flink.job_ids())
-        os.kill(flink.pid("taskmanager-2"), signal.SIGKILL)
-        flink.call("up")  # as a supervisor would: the TaskManager comes back
+        killed = flink.resource_id("taskmanager-2")
+        flink.kill("taskmanager-2")
+        # As a supervisor would: the TaskManager comes back; `up` returns once the new
+        # JVM has registered (the dead one stays listed until its heartbeat times out).
+        flink.call("up")
+        registered = [tm["id"] for tm in flink.rest("/taskmanagers")["taskmanagers"]]
+        assert flink.resource_id("taskmanager-2") != killed, registered
+        assert flink.resource_id("taskmanager-2") in registered, registered
         return job
 
     launcher = launch(1)
     job = kill_a_taskmanager_mid_job(launcher)
-    _, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, err[-3000:]
+    err = finish(launcher, job, "run-1 (TaskManager killed, restarted)")
+    assert launcher.returncode == 0, err[-3000:] + "\n" + flink.diagnose(job)
     assert flink.rest(f"/jobs/{job}")["state"] == "FINISHED"
     assert flink.rest(f"/jobs/{job}/exceptions")["exceptionHistory"]["entries"], \
         "the killed TaskManager did not make Flink restart the job"
@@ -216,14 +330,14 @@ def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, buck
     flink.call("up")
     launcher = launch(2)
     job = kill_a_taskmanager_mid_job(launcher)
-    _, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 5, err[-3000:]
+    err = finish(launcher, job, "run-2 (TaskManager killed, failed)")
+    assert launcher.returncode == 5, err[-3000:] + "\n" + flink.diagnose(job)
     assert "committed nothing (the state is still run-1)" in err.splitlines()[-1]
     assert flink.rest(f"/jobs/{job}")["state"] == "FAILED"
     assert store.current().run_id == "run-1"
     rerun = launch(2)
-    _, err = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, err[-3000:]
+    err = finish(rerun, None, "run-2 rerun")
+    assert rerun.returncode == 0, err[-3000:] + "\n" + flink.diagnose()
 
     launcher = launch(3)
     job = flink.running_job(launcher, flink.job_ids())
@@ -231,18 +345,20 @@ def test_flink_faults_commit_once_and_stay_exact(flink, workload, tmp_path, buck
     launcher.wait()
     deadline = time.monotonic() + 300
     while flink.rest(f"/jobs/{job}")["state"] not in ("FINISHED", "FAILED", "CANCELED"):
-        assert time.monotonic() < deadline, "the job did not end within 300 s"
+        assert time.monotonic() < deadline, ("the job did not end within 300 s\n"
+                                             + flink.diagnose(job))
         time.sleep(0.5)
+    took.append(f"run-3 (launcher killed) {time.monotonic() - launched[0]:.0f} s")
     assert flink.rest(f"/jobs/{job}")["state"] == "FINISHED"
     assert store.current().run_id == "run-3"
     relaunch = launch(3)
-    _, err = relaunch.communicate(timeout=600)
+    err = finish(relaunch, None, "run-3 relaunch")
     assert relaunch.returncode == 4 and "already committed" in err, err[-3000:]
 
     assert [record.run_id for record in store.commits()] == ["run-1", "run-2", "run-3"]
     reference = keras_whole_sequence(model)
     worst = assert_equals_whole_sequence(state, whole, lambda _, features: reference(features))
-    print(f"flink faults (gs): max abs diff {worst:.3g}")
+    print(f"flink faults (gs): max abs diff {worst:.3g}; launches: {', '.join(took)}")
 
 
 def test_bad_engine_options_are_exit_2_in_one_line(workload, tmp_path, flink, capsys):
