@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -352,19 +353,65 @@ def read_table(url: str, expected: FileRecord | None = None,
     """Read a Parquet file (only ``columns``, if given: the others are not decoded);
     with ``expected``, first check its sha256 and row count."""
     data = read_buffer(url)
-    digest = hashlib.sha256(data).hexdigest() if expected is not None else None
-    if expected is not None and digest != expected.sha256:
-        raise IntegrityError(
-            f"{url} is damaged: its sha256 is {digest}, the "
-            f"manifest says {expected.sha256} ({len(data)} bytes read); nothing was changed")
+    if expected is not None:
+        _check_digest(url, expected, hashlib.sha256(data).hexdigest(), len(data))
     try:
         table = pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
-    if expected is not None and table.num_rows != expected.rows:
-        raise IntegrityError(f"{url} has {table.num_rows} rows, the manifest says "
-                             f"{expected.rows}")
+    if expected is not None:
+        _check_rows(url, expected, table.num_rows)
     return table
+
+
+# Rows decoded at a time by read_table_rows, and bytes hashed at a time.
+FILTER_BATCH_ROWS = 8192
+HASH_PIECE_BYTES = 8 * 2**20
+
+
+def read_table_rows(url: str, expected: FileRecord, column: str,
+                    values: Sequence[str]) -> pa.Table:
+    """The rows of a Parquet file whose ``column`` holds one of ``values``, after the
+    checks of :func:`read_table` (sha256, rows). Record batches are decoded and filtered
+    one at a time, so memory holds the rows kept, not the file's: a local file is hashed
+    a piece at a time, then decoded from its pages (a snapshot file never changes once
+    written); an object store's is read into memory once."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        def hashed(handle) -> tuple[str, int]:
+            hasher, size, piece = hashlib.sha256(), 0, bytearray(HASH_PIECE_BYTES)
+            with memoryview(piece) as view:
+                while count := handle.readinto(view):
+                    hasher.update(view[:count])
+                    size += count
+            return hasher.hexdigest(), size
+        _check_digest(url, expected, *_read(url, hashed))
+        source = path
+    else:
+        data = read_buffer(url)
+        _check_digest(url, expected, hashlib.sha256(data).hexdigest(), len(data))
+        source = pa.BufferReader(data)
+    wanted = pa.array(sorted(values), pa.string())
+    try:
+        parquet = pq.ParquetFile(source)
+        _check_rows(url, expected, parquet.metadata.num_rows)
+        kept = [batch.filter(pc.is_in(batch[column], value_set=wanted))
+                for batch in parquet.iter_batches(batch_size=FILTER_BATCH_ROWS)]
+        return pa.Table.from_batches(kept, parquet.schema_arrow)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
+
+
+def _check_digest(url: str, expected: FileRecord, digest: str, size: int) -> None:
+    if digest != expected.sha256:
+        raise IntegrityError(
+            f"{url} is damaged: its sha256 is {digest}, the "
+            f"manifest says {expected.sha256} ({size} bytes read); nothing was changed")
+
+
+def _check_rows(url: str, expected: FileRecord, rows: int) -> None:
+    if rows != expected.rows:
+        raise IntegrityError(f"{url} has {rows} rows, the manifest says {expected.rows}")
 
 
 # What pyarrow raises for a file that is not (valid) Parquet: its own errors, OSErrors

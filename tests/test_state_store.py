@@ -342,3 +342,29 @@ def test_compaction_gives_the_same_state_as_layers(workload, tmp_path, never_fai
     assert manifest.layers == 1  # run-3 found two layers and compacted them
     assert final_state(state) == never_failed[0]
     assert manifest.sequences == len(final_state(state))
+
+
+def test_reading_some_rows_of_a_snapshot_file_checks_it_whole(tmp_path, monkeypatch):
+    """A run's sequences are read from a snapshot file a record batch at a time (the
+    file is hashed first, in pieces): the rows kept are those asked for, in file
+    order, and a damaged file or one with other rows than its record says is refused."""
+    import pyarrow as pa
+
+    from storage import files
+
+    monkeypatch.setattr(files, "FILTER_BATCH_ROWS", 7)
+    monkeypatch.setattr(files, "HASH_PIECE_BYTES", 100)
+    table = pa.table({"sequence_id": [f"s{i:03d}" for i in range(50)],
+                      "value": np.arange(50, dtype=np.float32)})
+    url = str(tmp_path / "state.parquet")
+    record = storage.write_table(url, table)
+    kept = storage.read_table_rows(url, record, "sequence_id", ["s049", "s003", "s020", "x"])
+    assert kept.to_pydict() == {"sequence_id": ["s003", "s020", "s049"],
+                                "value": [3.0, 20.0, 49.0]}
+    with pytest.raises(storage.IntegrityError, match="has 50 rows, the manifest says 49"):
+        storage.read_table_rows(url, dataclasses.replace(record, rows=49), "sequence_id", [])
+    data = bytearray(open(url, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(url, "wb").write(bytes(data))
+    with pytest.raises(storage.IntegrityError, match="is damaged"):
+        storage.read_table_rows(url, record, "sequence_id", ["s003"])

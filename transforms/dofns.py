@@ -23,7 +23,6 @@ from typing import Iterable, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
@@ -197,11 +196,10 @@ class ReadSnapshotFile(beam.DoFn):
                 sizing: RunSizing):
         started = time.perf_counter()
         kind, record, ids = element
-        table = storage.read_table(record.path, record)
-        if ids is not None:
-            # Filtered in Arrow: rows of untouched sequences never become Python objects.
-            table = table.filter(pc.is_in(table["sequence_id"],
-                                          value_set=pa.array(sorted(ids), pa.string())))
+        # Filtered in Arrow as decoded: rows of untouched sequences are never held
+        # together, nor become Python objects.
+        table = (storage.read_table(record.path, record) if ids is None
+                 else storage.read_table_rows(record.path, record, "sequence_id", ids))
         if kind == PENDING_FILE:
             rows = [("pending", chunk) for chunk in
                     chunks_from_table(table, record.path, pending=True)]
