@@ -49,10 +49,12 @@ UNNAMED_SOURCE = "pcollection"
 class ChunkRows:
     """Chunk records read together: a table with the columns of
     :data:`~schemas.contract.CHUNK_SCHEMA` (as any types: they are validated), where
-    they were read, and the number of the table's first row there (None if unknown)."""
+    they were read, the number of the table's first row there (None if unknown), and
+    the milliseconds reading them took (counted in the run report's read stage)."""
     table: pa.Table
     source: str = UNNAMED_SOURCE
     first_row: int | None = 0
+    read_ms: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

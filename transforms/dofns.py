@@ -87,6 +87,7 @@ class ReadParquetBatches(beam.DoFn):
     schema cannot hold the contract (then none of its rows, or none after the damage)."""
 
     def process(self, url: str):
+        started = time.perf_counter()
         try:
             with storage.ParquetInput(url) as parquet:
                 problem = schema_problem(parquet.schema)
@@ -95,7 +96,8 @@ class ReadParquetBatches(beam.DoFn):
                                         parquet.rows)
                     return
                 for first_row, table in parquet.batches(READ_BATCH_BYTES):
-                    yield ChunkRows(table, url, first_row)
+                    yield ChunkRows(table, url, first_row, _ms_since(started))
+                    started = time.perf_counter()
         except storage.UnreadableFile as error:
             # Rows already read went on; the file is one dead letter, not a failed job.
             yield rejected_file(url, UNREADABLE_FILE, str(error))
@@ -150,7 +152,8 @@ class ValidateChunks(beam.DoFn):
             yield "ids", sequence_id
         yield "feature_bytes", sum(chunk.features.nbytes for chunk in chunks)
         counts.update({"chunks_read": len(chunks) + len(letters),
-                       "ms_read": _ms_since(started)})
+                       "ms_read": _ms_since(started)
+                       + (rows.read_ms if isinstance(rows, ChunkRows) else 0)})
         for letter in letters:
             yield "dead_letters", letter
             counts[REJECTED] += 1
