@@ -493,7 +493,7 @@ def write_ipc_named_by_content(folder: str, table: pa.Table, batch_rows: int,
     transient files. A local file is streamed to disk (``cache``: see
     :func:`write_bytes`); an object store's is made in memory first, to name it."""
     batches = table.combine_chunks().to_batches(max_chunksize=batch_rows)
-    fs, _ = filesystem(folder)
+    fs, local_folder = filesystem(folder)
     if not isinstance(fs, LocalFileSystem):
         sink = pa.BufferOutputStream()
         _write_ipc(sink, table.schema, batches)
@@ -501,14 +501,16 @@ def write_ipc_named_by_content(folder: str, table: pa.Table, batch_rows: int,
         url = join(folder, hashlib.sha256(data).hexdigest()[:32] + ".arrow")
         write_bytes(url, data, durable=False)
         return url
-    unnamed, hasher = join(folder, f"unnamed-{uuid.uuid4().hex}.arrow"), hashlib.sha256()
-    with _local_file(unnamed, unnamed, durable=False) as temporary, \
+    # Written under a name of its own, then renamed to its content's once hashed.
+    unnamed = os.path.join(local_folder, f"unnamed-{uuid.uuid4().hex}.arrow")
+    hasher = hashlib.sha256()
+    with _local_file(folder, unnamed, durable=False) as temporary, \
             _LocalWriter(temporary, cache, hasher=hasher) as out:
         _write_ipc(pa.PythonFile(out, mode="w"), table.schema, batches)
-    url = join(folder, hasher.hexdigest()[:32] + ".arrow")
-    with storage_errors(url, "write"):
-        os.replace(unnamed, url)
-    return url
+    name = hasher.hexdigest()[:32] + ".arrow"
+    with storage_errors(folder, "write"):
+        os.replace(unnamed, os.path.join(local_folder, name))
+    return join(folder, name)
 
 
 def _write_ipc(sink, schema: pa.Schema, batches: Sequence[pa.RecordBatch]) -> None:
