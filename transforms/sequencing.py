@@ -420,7 +420,7 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
 
 
 def run_batch(kernel, works: Sequence[SequenceWork]) -> BatchResult:
-    """Run ``works`` (at least one) through ``kernel`` all at once, on ``len(works)``
-    rows; see :func:`run_continuous`."""
+    """Run ``works`` (at least one) through ``kernel`` on up to ``len(works)`` rows,
+    as one result; see :func:`run_continuous`."""
     (result,) = run_continuous(kernel, works, len(works))
     return result
