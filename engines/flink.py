@@ -29,6 +29,8 @@ workers of a job outlive each stage (--environment_cache_millis): with the job's
 those classes Beam stops the workers after every stage, and each stage pays a Python
 start-up (three runs of the tests' workload: 159 s, against 53 s this way).
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -323,6 +325,17 @@ def ready() -> bool:
             and port_open(JOB_PORT) and port_open(POOL_PORT))
 
 
+@contextlib.contextmanager
+def installing():
+    """Hold build/flink/'s install lock: clusters started at once (two test workers,
+    each with its own cluster) would otherwise both download and assemble into the same
+    folder, and one of them fail (a fresh clone's `make test` once did)."""
+    os.makedirs(HOME, exist_ok=True)
+    with open(os.path.join(HOME, ".install.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def up(timeout_s: float = 180) -> None:
     alive = {name: running(name) for name in SERVICES}
     if all(alive.values()) and ready():
@@ -338,8 +351,9 @@ def up(timeout_s: float = 180) -> None:
                 if port_open(port)]
         if busy:
             sys.exit(f"flink: ports {busy} on {HOST} are taken by processes not started here")
-        install_flink()
-        fetch_job_server()
+        with installing():
+            install_flink()
+            fetch_job_server()
         write_conf()
     began = time.monotonic()
     started = {name: start(name, command, env) for name, (command, env) in commands().items()
