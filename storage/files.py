@@ -352,9 +352,7 @@ def read_table(url: str, expected: FileRecord | None = None,
                columns: Sequence[str] | None = None) -> pa.Table:
     """Read a Parquet file (only ``columns``, if given: the others are not decoded);
     with ``expected``, first check its sha256 and row count."""
-    data = read_buffer(url)
-    if expected is not None:
-        _check_digest(url, expected, hashlib.sha256(data).hexdigest(), len(data))
+    data = _read_checked(url, expected)
     try:
         table = pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
@@ -388,9 +386,7 @@ def read_table_rows(url: str, expected: FileRecord, column: str,
         _check_digest(url, expected, *_read(url, hashed))
         source = path
     else:
-        data = read_buffer(url)
-        _check_digest(url, expected, hashlib.sha256(data).hexdigest(), len(data))
-        source = pa.BufferReader(data)
+        source = pa.BufferReader(_read_checked(url, expected))
     wanted = pa.array(sorted(values), pa.string())
     try:
         parquet = pq.ParquetFile(source)
@@ -400,6 +396,14 @@ def read_table_rows(url: str, expected: FileRecord, column: str,
         return pa.Table.from_batches(kept, parquet.schema_arrow)
     except (pa.ArrowInvalid, OSError) as error:
         raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
+
+
+def _read_checked(url: str, expected: FileRecord | None) -> pa.Buffer:
+    """The bytes of ``url``, checked against ``expected``'s sha256 if given."""
+    data = read_buffer(url)
+    if expected is not None:
+        _check_digest(url, expected, hashlib.sha256(data).hexdigest(), len(data))
+    return data
 
 
 def _check_digest(url: str, expected: FileRecord, digest: str, size: int) -> None:
