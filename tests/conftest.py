@@ -18,6 +18,27 @@ TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing"
                "--direct_num_workers=2"]
 # The sequence that starts in run 1, sits out run 2 and continues in run 3.
 RESUMED = "resumed-after-a-missed-run"
+# Set on a test marked xdist_group that pytest-xdist did not put in its group.
+_UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup``, xdist marks a grouped test's node id ``...@group`` on
+    the worker; some pytest/xdist pairs silently do not (pytest-xdist#1386, pytest 9.2),
+    and the engine tests would then start clusters on both workers at once."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup"):
+        for item in items:
+            item.stash[_UNGROUPED] = (item.get_closest_marker("xdist_group") is not None
+                                      and "@" not in item.nodeid)
+
+
+def pytest_runtest_setup(item):
+    if item.stash.get(_UNGROUPED, False):
+        pytest.fail(f"pytest {pytest.__version__} with this pytest-xdist ignores xdist_group "
+                    "(pytest-xdist#1386), so grouped tests would run on both workers at "
+                    "once; install the versions in constraints.txt (make test does)",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
