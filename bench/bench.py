@@ -138,6 +138,36 @@ def kernel_rate(model_path: str, features: np.ndarray) -> float:
                  for start in range(0, len(features), batch)])
 
 
+def decode_seconds(chunk_dir: str) -> float:
+    """Seconds to decode every input file, in the read stage's batches: what any pipeline
+    over these files pays before it computes."""
+    import glob
+
+    import storage
+    from transforms.dofns import READ_BATCH_BYTES
+
+    def run():
+        for path in sorted(glob.glob(os.path.join(chunk_dir, "*.parquet"))):
+            with storage.ParquetInput(path) as parquet:
+                for _ in parquet.batches(READ_BATCH_BYTES):
+                    pass
+    return timed(run)
+
+
+def pipeline_floor(steps: int, rates: dict, decoding: float, small: dict) -> dict:
+    """A lower bound of the pipeline's seconds on this machine, from parts measured in
+    this run: decoding the inputs, the kernel's compute, and a small run's job (Beam's
+    fixed cost, the model load, one compile, the commit); each must happen, and reading
+    ends before computing begins (the join by bucket). Staging, validation, planning and
+    writing are left out, so the true floor is higher. Hence the most a/b can be here."""
+    parts = {"decode": decoding, "compute": steps / rates["d_kernel"],
+             "fixed": small["job_seconds"]}
+    seconds = sum(parts.values())
+    return {"parts_seconds": parts, "seconds": seconds,
+            "keras_seconds": steps / rates["b_keras"],
+            "most_a_over_b": steps / rates["b_keras"] / seconds}
+
+
 def recurrent_matmul_rate(batch: int = KERAS_BATCH, steps: int = 2048) -> float:
     """The machine's ceiling for this LSTM: row-steps per second of its matrix products
     alone, ``[x_t, h] @ W`` ([rows, input + units] @ [input + units, 4 * units]) with
@@ -196,6 +226,7 @@ def main(argv=None) -> dict:
     rates["b_keras"] = keras_rate(model_path, features)
     rates["c_seed"] = seed_rate(model_path, features)
     rates["d_kernel"] = kernel_rate(model_path, features)
+    decoding = decode_seconds(chunk_dir)
     ceiling = recurrent_matmul_rate()
     incremental = scaling.incremental(args.workdir, model_path, INPUT_DIM)
     memory = scaling.memory(args.workdir, model_path, INPUT_DIM,
@@ -203,6 +234,7 @@ def main(argv=None) -> dict:
     padding = scaling.padding(args.workdir, model_path, INPUT_DIM)
     small = scaling.small_run(args.workdir, model_path, INPUT_DIM)
     planned = planning.bench_planning(max(1_000, int(planning.FILES * args.scale)))
+    floor = pipeline_floor(sequences * STEPS, rates, decoding, small)
     ratios = {"a/b": rates["a_pipeline"] / rates["b_keras"],
               "a/c": rates["a_pipeline"] / rates["c_seed"],
               "d/b": rates["d_kernel"] / rates["b_keras"]}
@@ -222,6 +254,12 @@ def main(argv=None) -> dict:
     print(f"\npipeline: {report['seconds']:.2f} s wall; in stages (summed over workers): "
           + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages.items())
           + "; Beam start-up and the join: the rest")
+    parts = floor["parts_seconds"]
+    print(f"floor: decoding the inputs {parts['decode']:.2f} s + the kernel's compute "
+          f"{parts['compute']:.2f} s + a small run's job (Beam, model load, one compile, "
+          f"commit) {parts['fixed']:.2f} s = {floor['seconds']:.2f} s, against plain Keras' "
+          f"{floor['keras_seconds']:.2f} s: here a/b cannot exceed "
+          f"{floor['most_a_over_b']:.2f}")
     print(f"\nincremental: a run touching {incremental['touched']:,} sequences took "
           f"{incremental['seconds_large']:.2f} s against a {incremental['snapshot']:,}-"
           f"sequence snapshot, {incremental['seconds_small']:.2f} s against one holding "
@@ -244,7 +282,8 @@ def main(argv=None) -> dict:
     result = {"sequences": sequences, "steps": STEPS, "chunk": CHUNK, "rates": rates,
               "kernel_fraction_of_matmul_chain": rates["d_kernel"] / ceiling,
               "matmul_chain_row_steps_per_second": ceiling,
-              "ratios": ratios, "targets": targets, "incremental": incremental,
+              "ratios": ratios, "targets": targets, "pipeline_floor": floor,
+              "incremental": incremental,
               "memory": memory, "padding": padding, "small_run": small, "planning": planned,
               "pipeline_report": report}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
