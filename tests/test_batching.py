@@ -9,7 +9,8 @@ from schemas import CarriedState, Chunk
 from tests.oracle import numpy_lstm
 from tests.test_kernel import INPUT_DIM, oracle_weights, random_stack
 from transforms.kernel import StepKernel
-from transforms.sequencing import SequenceWork, batch_capacity, run_batch, run_continuous
+from transforms.sequencing import (XLA_MIN_WINDOWS, SequenceWork, batch_capacity, run_batch,
+                                   run_continuous, uses_xla)
 
 
 def works_of(rng, stack, lengths):
@@ -87,10 +88,10 @@ def test_a_long_sequence_among_short_ones_costs_about_what_it_costs_alone(monkey
     computed = []
     run_window = kernel.run_window
 
-    def counted(inputs, lengths, states, rows=0):
+    def counted(inputs, lengths, states, rows=0, xla=True):
         shards, per_shard = kernel._layout(max(len(inputs), rows))
         computed.append(shards * per_shard * 16)
-        return run_window(inputs, lengths, states, rows)
+        return run_window(inputs, lengths, states, rows, xla)
 
     monkeypatch.setattr(kernel, "run_window", counted)
     works = works_of(rng, stack, [4000] + [1] * 255)
@@ -132,3 +133,38 @@ def test_the_last_few_sequences_of_a_bucket_do_not_compile_a_shape_of_their_own(
     alone = {o.sequence_id: o.outputs for o in run_batch(kernel, works[-4:]).outputs}
     for sequence_id, expected in alone.items():
         np.testing.assert_allclose(outputs[sequence_id], expected, atol=1e-6)
+
+
+def test_small_works_run_plain_large_ones_xla_and_both_equal_the_oracle(monkeypatch):
+    """XLA's compile pays off only over many windows: continuous batching asks for it
+    from XLA_MIN_WINDOWS windows on, decided from the work alone (the same work, the
+    same path and bits), unless SEQCARRY_XLA=1 asks for it everywhere."""
+    monkeypatch.delenv("SEQCARRY_XLA", raising=False)
+    rng = np.random.default_rng(21)
+    stack = random_stack(rng)
+    kernel = StepKernel(stack, window_steps=8)
+    small = works_of(rng, stack, [5, 30, 1, 12])  # the longest runs 4 windows of 8
+    large = works_of(rng, stack, [8 * XLA_MIN_WINDOWS, 3, 7])
+    for works, xla, path in ((small, False, "plain"), (large, True, "xla")):
+        assert uses_xla([work.steps for work in works], 8, 8) is xla
+        programs = kernel.compiled_programs
+        results = [run_batch(kernel, works) for _ in range(2)]
+        assert {program[0] for program in kernel.compiled_programs - programs} == {path}
+        for result in results:
+            assert result.xla is xla
+        states = [{s.sequence_id: s for s in result.states} for result in results]
+        for work in works:
+            want_outputs, want_states = expected(stack, work)
+            runs = [np.concatenate([o.outputs for o in result.outputs
+                                    if o.sequence_id == work.carried.sequence_id])
+                    for result in results]
+            np.testing.assert_array_equal(runs[0], runs[1])
+            np.testing.assert_allclose(runs[0], want_outputs, atol=1e-5)
+            for k, (h, c) in enumerate(want_states):
+                got = states[0][work.carried.sequence_id].tensors
+                np.testing.assert_allclose(got[2 * k], h, atol=1e-5)
+                np.testing.assert_allclose(got[2 * k + 1], c, atol=1e-5)
+    # Asked for everywhere: the small work too runs XLA-compiled.
+    everywhere = StepKernel(stack, window_steps=8, xla=True)
+    assert run_batch(everywhere, small).xla
+    assert {program[0] for program in everywhere.compiled_programs} == {"xla"}

@@ -121,11 +121,16 @@ def test_shards_run_a_batch_in_slices_with_the_same_results():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_xla_can_be_turned_off_by_the_environment(monkeypatch):
+def test_xla_can_be_turned_off_or_on_for_every_work_by_the_environment(monkeypatch):
     monkeypatch.setenv(XLA_ENV, "0")
     assert StepKernel(random_stack(np.random.default_rng(6))).xla is False
+    monkeypatch.setenv(XLA_ENV, "1")
+    kernel = StepKernel(random_stack(np.random.default_rng(6)))
+    assert kernel.xla is True and kernel.xla_for_small_works
     monkeypatch.delenv(XLA_ENV)
-    assert StepKernel(random_stack(np.random.default_rng(6))).xla is True
+    kernel = StepKernel(random_stack(np.random.default_rng(6)))
+    assert kernel.xla is True and not kernel.xla_for_small_works
+    assert StepKernel(random_stack(np.random.default_rng(6)), xla=True).xla_for_small_works
 
 
 def test_a_model_xla_cannot_compile_runs_plain_decided_once_by_its_first_window(caplog):

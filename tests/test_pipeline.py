@@ -38,11 +38,18 @@ def assert_equals_whole_sequence_model(workload, state):
 
 
 @pytest.mark.parametrize("runner", ["in-process", "two-worker-processes", "dask-cluster"])
-def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request, runner):
+def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request, runner,
+                                                     monkeypatch):
     beam_args = {"in-process": IN_PROCESS, "two-worker-processes": TWO_WORKERS}.get(runner) or [
         "--runner=DaskRunner",
         f"--dask_client_address={request.getfixturevalue('dask_cluster')}"]
+    # Small buckets run plain, large ones XLA-compiled; the two worker processes compile
+    # every batch (SEQCARRY_XLA=1), so both paths are checked against Keras.
+    everywhere = runner == "two-worker-processes"
+    monkeypatch.setenv("SEQCARRY_XLA", "1" if everywhere else "auto")
     state, reports = run_all(workload, tmp_path, beam_args)
+    paths = {path for r in reports for path in r["batches_by_path"]}
+    assert paths == {"xla"} if everywhere else "plain" in paths, paths
 
     total_chunks = workload[3]
     assert sum(r["chunks_read"] for r in reports) == total_chunks
@@ -206,9 +213,15 @@ def test_a_model_file_changed_after_planning_fails_the_run_and_commits_nothing(
     assert storage.StateStore(cfg.state).current() is None
 
     shutil.copy(workload[0], model)
+    # Small buckets run plain unless SEQCARRY_XLA=1 asks for XLA everywhere.
+    monkeypatch.delenv("SEQCARRY_XLA", raising=False)
     report = run_job(cfg, IN_PROCESS)
+    assert report["batches_by_path"].get("plain", 0) > 0, report["batches_by_path"]
+    monkeypatch.setenv("SEQCARRY_XLA", "1")
+    report = run_job(dataclasses.replace(config(workload, tmp_path, 1), model=model),
+                     IN_PROCESS)
     assert set(report["batches_by_path"]) == {"xla"} and report["batches_by_path"]["xla"] > 0
     monkeypatch.setenv("SEQCARRY_XLA", "0")
-    report = run_job(dataclasses.replace(config(workload, tmp_path, 1), model=model),
+    report = run_job(dataclasses.replace(config(workload, tmp_path, 2), model=model),
                      IN_PROCESS)
     assert set(report["batches_by_path"]) == {"plain"}

@@ -111,8 +111,8 @@ def make_report(manifest: storage.Manifest, target: CommitTarget, seconds: float
         "steps_processed": steps,
         # Which outputs the run wrote: every step's, or each chunk's last (--outputs-at).
         "outputs_at": manifest.outputs_at,
-        # Batches by compiled path (decided once per worker process, when it loads
-        # the model): "xla" or "plain" (SEQCARRY_XLA=0, or a model XLA refuses).
+        # Batches by compiled path: "xla", or "plain" (a small bucket, SEQCARRY_XLA=0,
+        # or a model XLA refuses; see transforms.sequencing.uses_xla).
         "batches_by_path": by_prefix("batches_"),
         "seconds": round(seconds, 3),
         "steps_per_second": round(steps / seconds, 1) if seconds > 0 else 0.0,

@@ -328,7 +328,7 @@ class PlanAndRunBucket(beam.DoFn):
             counts.update({"sequences_touched": len(result.states),
                            "steps_processed": result.steps,
                            "batches": 1,
-                           "batches_xla" if self._model.kernel.xla else "batches_plain": 1})
+                           "batches_xla" if result.xla else "batches_plain": 1})
         yield LEDGER, _counts(dict(+counts))
 
     def finish_bundle(self):

@@ -16,13 +16,17 @@ How it is fast (measured on 2 CPU cores, LSTM(128) + Dense(8), input width 32; s
   16x larger than the inputs and the loop then streams it from memory; it measured
   ~1.4x plain Keras against ~1.9x for the per-step form under XLA.
 * **XLA** (``jit_compile``) compiles the loop of one shard. Where XLA is disabled
-  (``xla=False`` or ``SEQCARRY_XLA=0``) or cannot compile the model, the same
-  functions run as a plain ``tf.function`` (same math, ~1.5x slower, results within
-  float32 rounding of XLA's). Which one is decided once, by the kernel's first
-  window (the first compile it needs anyway; reading ``xla`` before that compiles the
-  smallest shape to decide): a process never switches, and an error after that is an
-  error. TensorFloat-32 is turned off, so matrix products stay float32 on GPUs
-  that have it.
+  (``xla=False`` or ``SEQCARRY_XLA=0``), cannot compile the model, or is not asked
+  for by a window (``run_window(xla=False)``: continuous batching asks only for large
+  works, see :func:`~transforms.sequencing.uses_xla`), the same functions run as a
+  plain ``tf.function`` (same math, results within float32 rounding of XLA's). XLA
+  ran windows 0.9 to 4.3x as fast as plain here, and takes 0.3 to 0.5 s more to
+  compile each shape.
+  Whether XLA can compile the model is decided once, by the first window that asks
+  for it (the first compile it needs anyway; reading ``xla`` before that compiles the
+  smallest shape to decide): a model XLA refuses runs plain from then on, and an
+  error after that is an error. TensorFloat-32 is turned off, so matrix products
+  stay float32 on GPUs that have it.
 * **Static, bucketed shapes**: time is cut into windows of ``window_steps`` (the last
   one padded up to a power of two), the batch is padded up to a bucket (at most four
   per octave: 64, 80, 96, 112, 128, 160, ...), so a kernel compiles a small, bounded
@@ -90,7 +94,9 @@ _ACTIVATION_FUNCTIONS = {
 }
 assert set(_ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
 
-# Environment switch for XLA: "0", "false", "off" or "no" run the plain tf.function path.
+# Environment switch for XLA: "0", "false", "off" or "no" run the plain tf.function path
+# everywhere; "1", "true", "on" or "yes" XLA for every window, small works included;
+# unset (or "auto"): XLA for large works only (see transforms.sequencing.uses_xla).
 XLA_ENV = "SEQCARRY_XLA"
 # Smallest number of rows worth a shard of its own.
 MIN_SHARD_ROWS = 64
@@ -343,9 +349,13 @@ def _input_stage(layer: EmbeddingLayer | MaskingLayer | None, weights: Sequence[
     return inputs, mask
 
 
-def xla_enabled_by_default() -> bool:
-    """XLA unless the ``SEQCARRY_XLA`` environment variable turns it off."""
-    return os.environ.get(XLA_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+def xla_setting() -> bool | None:
+    """The ``SEQCARRY_XLA`` environment variable: False (off), True (on, for every
+    window) or None (unset or ``auto``: for large works)."""
+    value = os.environ.get(XLA_ENV, "auto").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    return True if value in ("1", "true", "on", "yes") else None
 
 
 def batch_bucket(rows: int) -> int:
@@ -375,16 +385,20 @@ class StepKernel:
     """A compiled, batched, masked step function for one model.
 
     One kernel serves every thread of a process (``run`` is thread-safe). ``xla``:
-    compile with XLA (default: on unless ``SEQCARRY_XLA=0``). With XLA asked for, the
-    first window decides for good: if XLA cannot compile the model, the kernel uses
-    plain tf.functions from then on (``xla`` is then False and an
+    False runs every window as a plain tf.function; otherwise windows that ask for it
+    (``run_window(xla=True)``, the default) run XLA-compiled. Continuous batching asks
+    for it on large works only, unless ``xla_for_small_works``: True for ``xla=True``;
+    for None (the default), what ``SEQCARRY_XLA`` says (see :data:`XLA_ENV`). The first
+    window compiled with XLA decides for good: if XLA cannot compile the model, the
+    kernel uses plain tf.functions from then on (``xla`` is then False and an
     ``event=xla_unavailable`` warning says why). ``shards``: slices of
     the batch run concurrently (default: one per CPU core, at least 64 rows each; 1 on
     a GPU).
 
-    ``traces`` counts how often TensorFlow traced the window function: once per
-    compiled shape (``compiled_shapes``: (shards, rows per shard, window width)), so
-    tests assert it stays bounded whatever the batches.
+    ``traces`` counts how often TensorFlow traced a window function: once per
+    compiled shape (``compiled_shapes``: (shards, rows per shard, window width)) and
+    path (``compiled_programs``), so tests assert it stays bounded whatever the
+    batches.
     """
 
     def __init__(self, stack: RecurrentStack, window_steps: int = 256,
@@ -398,13 +412,15 @@ class StepKernel:
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.stack = stack
         self.window_steps = window_steps
-        # None: XLA asked for, not yet tried (see _call_window).
-        self._xla: bool | None = (None if (xla_enabled_by_default() if xla is None else xla)
-                                  else False)
+        setting = xla_setting() if xla is None else xla
+        # Whether run_continuous asks for XLA whatever the size of the work.
+        self.xla_for_small_works = setting is True
+        # None: XLA allowed, not yet tried (see _call_window).
+        self._xla: bool | None = None if setting is not False else False
         self._deciding = threading.Lock()
         self.max_shards = shards or _default_shards()
         self.traces = 0
-        self._shapes: set[tuple[int, int, int]] = set()
+        self._programs: set[tuple[str, int, int, int]] = set()
         self._lock = threading.Lock()
         self._weights = [[tf.constant(w, tf.float32) for w in layer.weights()]
                          for layer in stack.layers]
@@ -417,12 +433,13 @@ class StepKernel:
         # Where each layer's state parts sit among the carried ones (none: per-step).
         self._state_slices = [slice(offsets[k], offsets[k + 1])
                               for k in range(len(stack.layers))]
-        self._window = self._build(self._xla is None)
+        self._windows: dict[bool, Callable] = {}  # by xla, each built when first used
 
     @property
     def xla(self) -> bool:
-        """Whether windows run XLA-compiled. Read before the first window, it decides
-        by compiling the smallest shape (one shard of 8 rows, the shortest window)."""
+        """Whether windows asking for XLA run XLA-compiled. Read before the first such
+        window, it decides by compiling the smallest shape (one shard of 8 rows, the
+        shortest window)."""
         if self._xla is None:
             rows, width = batch_bucket(1), window_width(1, self.window_steps)
             self._call_window(tf.zeros((rows, width, self.stack.input_dim)),
@@ -431,31 +448,45 @@ class StepKernel:
                               1)
         return self._xla
 
-    def _call_window(self, *arguments):
-        """The window function on ``arguments``. The first call with XLA undecided
-        decides: if XLA refuses the model, the plain path is built, for good."""
-        if self._xla is not None:
-            return self._window(*arguments)
+    def _call_window(self, *arguments, xla: bool = True):
+        """The window function on ``arguments``, XLA-compiled if ``xla`` and XLA is
+        allowed. The first call for XLA decides: if XLA refuses the model, windows run
+        plain, for good."""
+        if not xla or self._xla is False:
+            return self._window(False)(*arguments)
+        if self._xla:
+            return self._window(True)(*arguments)
         with self._deciding:
             if self._xla is None:
                 try:
-                    result = self._window(*arguments)
+                    result = self._window(True)(*arguments)
                 except _XLA_ERRORS as error:
                     _LOG.warning("event=xla_unavailable fingerprint=%s reason=%s",
                                  self.stack.fingerprint,
                                  str(error).strip().splitlines()[0][:300])
-                    self._window = self._build(False)
                     self._xla = False
                 else:
                     self._xla = True
                     return result
-        return self._window(*arguments)
+        return self._call_window(*arguments, xla=xla)
+
+    def _window(self, xla: bool) -> Callable:
+        with self._lock:
+            if xla not in self._windows:
+                self._windows[xla] = self._build(xla)
+            return self._windows[xla]
 
     @property
     def compiled_shapes(self) -> frozenset[tuple[int, int, int]]:
         """(shards, rows per shard, window width) of every program traced so far."""
+        return frozenset(program[1:] for program in self.compiled_programs)
+
+    @property
+    def compiled_programs(self) -> frozenset[tuple[str, int, int, int]]:
+        """(path: ``"xla"`` or ``"plain"``, shards, rows per shard, window width) of
+        every program traced so far."""
         with self._lock:
-            return frozenset(self._shapes)
+            return frozenset(self._programs)
 
     def _build(self, xla: bool):
         shard = tf.function(self._shard_math, jit_compile=xla, autograph=False)
@@ -463,7 +494,8 @@ class StepKernel:
         def window(inputs, lengths, states, shards):
             with self._lock:  # runs at trace time only
                 self.traces += 1
-                self._shapes.add((shards, inputs.shape[0] // shards, inputs.shape[1]))
+                self._programs.add(("xla" if xla else "plain", shards,
+                                    inputs.shape[0] // shards, inputs.shape[1]))
             # Independent calls: TensorFlow's executor runs the shards concurrently.
             pieces = [shard(x, n, s) for x, n, s in zip(
                 tf.split(inputs, shards), tf.split(lengths, shards),
@@ -540,12 +572,13 @@ class StepKernel:
         return outputs, states
 
     def run_window(self, inputs: np.ndarray, lengths: np.ndarray,
-                   states: Sequence[np.ndarray], rows: int = 0
+                   states: Sequence[np.ndarray], rows: int = 0, xla: bool = True
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One window of at most ``window_steps`` steps: ``inputs`` [B, W, input_dim],
         ``lengths`` [B] the real steps of each row in it (0: the row rests, its state
         unchanged), ``states`` one [B, size] array per state part. The batch is padded
-        to at least ``rows`` rows (a caller keeping few compiled shapes). Returns the
+        to at least ``rows`` rows (a caller keeping few compiled shapes); ``xla``: False
+        runs it plain, True XLA-compiled where allowed (see the class). Returns the
         outputs [B, W, output_dim] (meaningless past each length) and the states after
         each row's last real step."""
         inputs = np.asarray(inputs, np.float32)
@@ -567,7 +600,7 @@ class StepKernel:
         window_outputs, new_states = self._call_window(
             tf.constant(window_inputs), tf.constant(window_lengths),
             tuple(tf.constant(_pad_rows(np.asarray(s, np.float32), padded)) for s in states),
-            shards)
+            shards, xla=xla)
         outputs[:, :longest] = window_outputs.numpy()[:batch, :longest]
         return outputs, [s.numpy()[:batch] for s in new_states]
 

@@ -260,6 +260,7 @@ class BatchResult:
     states: list[CarriedState]
     ended: list[CarriedState]
     steps: int
+    xla: bool = False  # whether its windows ran XLA-compiled
 
 
 class _Feed:
@@ -323,7 +324,8 @@ def _finished(feed: _Feed, final: Sequence[np.ndarray], fingerprint: str
     return chunk_outputs, state, bool(work.chunks[-1].is_last)
 
 
-def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]]) -> BatchResult:
+def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]],
+                  xla: bool) -> BatchResult:
     outputs, states, ended = [], [], []
     for chunk_outputs, state, last in done:
         outputs += chunk_outputs
@@ -331,7 +333,7 @@ def _batch_result(done: list[tuple[list[ChunkOutput], CarriedState, bool]]) -> B
             ended.append(state)
             state = tombstone(state)
         states.append(state)
-    return BatchResult(outputs, states, ended, sum(output.steps for output in outputs))
+    return BatchResult(outputs, states, ended, sum(output.steps for output in outputs), xla)
 
 
 # Fewer rows is a new shape for XLA to compile (about a second for an LSTM(128) here):
@@ -363,6 +365,23 @@ def batch_capacity(steps: Sequence[int], slots: int, padded_rows) -> int:
     return max(1, min(slots, padded_rows(-(-sum(steps) // max(steps)))))
 
 
+# XLA compiles a shape in 0.3 to 0.5 s more than a plain tf.function traces it (here,
+# for LSTMs), and then runs a window 0.9 to 4.3x as fast: over a few windows the compile
+# costs more than it saves. Works expected to run fewer windows than this run plain.
+XLA_MIN_WINDOWS = 12
+
+
+def uses_xla(steps: Sequence[int], rows: int, window_steps: int) -> bool:
+    """Whether continuous batching asks for XLA for works of ``steps`` on ``rows`` rows:
+    if they run at least :data:`XLA_MIN_WINDOWS` windows, the longest sequence's or
+    the total spread over every row, whichever is more. Decided from the work alone,
+    so a retried bundle takes the same path and computes the same bits."""
+    if not steps:
+        return False
+    windows = max(-(-max(steps) // window_steps), -(-sum(steps) // (rows * window_steps)))
+    return windows >= XLA_MIN_WINDOWS
+
+
 def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
                    last_only: bool = False) -> Iterator[BatchResult]:
     """Run ``works`` through ``kernel`` (a StepKernel) on ``slots`` batch rows, one
@@ -376,13 +395,17 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     than one window of the batch.
 
     Sequences start longest first, in an order fixed by (steps, sequence_id), so a
-    retried bundle computes exactly the same bits. Yields a :class:`BatchResult` each
-    time ``slots`` sequences have finished, and one for the rest. With ``last_only``
+    retried bundle computes exactly the same bits. Small works run plain, large ones
+    XLA-compiled (:func:`uses_xla`; all of them with ``kernel.xla_for_small_works``).
+    Yields a :class:`BatchResult` each time ``slots`` sequences have finished, and one
+    for the rest. With ``last_only``
     (``--outputs-at last``), each chunk's output is the one at its last step only.
     """
     stack = kernel.stack
     waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
     capacity = batch_capacity([work.steps for work in works], slots, kernel.padded_rows)
+    xla = kernel.xla_for_small_works or uses_xla([work.steps for work in works], capacity,
+                                                 kernel.window_steps)
     rows = min(capacity, len(waiting))
     running: list[_Feed] = []
     states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
@@ -401,7 +424,7 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
         for row, feed in enumerate(running):
             feed.take_into(inputs[row, :lengths[row]])
         rows = _batch_rows(rows, len(running), steps_left)
-        outputs, states = kernel.run_window(inputs, lengths, states, rows)
+        outputs, states = kernel.run_window(inputs, lengths, states, rows, xla)
         still = []
         for row, feed in enumerate(running):
             feed.keep(outputs[row, :lengths[row]])
@@ -413,10 +436,10 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
         running = [running[row] for row in still]
         states = [part[still] for part in states]
         if len(done) >= slots:
-            yield _batch_result(done)
+            yield _batch_result(done, xla and kernel.xla)  # decided by its windows
             done = []
     if done:
-        yield _batch_result(done)
+        yield _batch_result(done, xla and kernel.xla)
 
 
 def run_batch(kernel, works: Sequence[SequenceWork]) -> BatchResult:

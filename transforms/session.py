@@ -69,7 +69,7 @@ class LoadedModel:
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
         self.progress = Progress()
-        # Whether it runs XLA-compiled is decided by its first window (batches_xla).
+        # Whether XLA can compile it is decided by the first window that asks for XLA.
         _LOG.info("event=model_loaded fingerprint=%s seconds=%.2f", self.stack.fingerprint,
                   self.load_seconds)
 
