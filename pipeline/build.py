@@ -72,7 +72,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         expire_after_days=config.expire_after_days, max_layers=config.max_layers,
         keep=config.keep, orphan_grace_hours=config.orphan_grace_hours,
         max_rejected_fraction=config.max_rejected_fraction,
-        model_options=config.model_options(), outputs_at=config.outputs_at)
+        model_options=config.model_options(), outputs_at=config.outputs_at, xla=config.xla)
     listed = {url: size for pattern in config.chunks for url, size in storage.list_files(pattern)}
     if not listed:  # a day without new data: the run still commits (and expires)
         _LOG.warning("event=no_input run_id=%s: no file matches --chunks %s; the run commits "

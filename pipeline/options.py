@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from schemas.contract import OUTPUTS_AT, InputError
+from schemas.contract import OUTPUTS_AT, XLA_MODES, InputError
 
 if TYPE_CHECKING:
     from transforms.models import ModelOptions
@@ -46,6 +46,7 @@ class RunConfig:
     max_layers: int = 8
     max_rejected_fraction: float | None = None
     outputs_at: str = "auto"
+    xla: str = "auto"
     model_architecture: str | None = None
     tf1_scopes: Sequence[str] = ()
     tf1_forget_bias: float = 1.0
@@ -230,6 +231,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
                              "ended there; the state is carried all the same). Default "
                              "auto: every for a model with per-step outputs, last for one "
                              "whose last recurrent layer has return_sequences=False")
+    parser.add_argument("--xla", default="auto", choices=XLA_MODES,
+                        help="compile the model with XLA: 'auto' for buckets whose work "
+                             "runs at least 12 windows, where XLA's faster windows pay for "
+                             "its compile (0.3 to 0.5 s a shape on a CPU), 'on' for every "
+                             "bucket (e.g. on GPUs), 'off' for none (plain tf.function, "
+                             "results within float32 rounding). Default auto; a worker's "
+                             "SEQCARRY_XLA=1 or 0 overrides auto there")
     parser.add_argument(*spellings("--run-id"), dest="run_id", default=None,
                         help="name of this run (default: UTC time, e.g. 20261125T101500123456Z)")
     parser.add_argument(*spellings("--batch-size"), dest="batch_size", type=int, default=256,

@@ -65,6 +65,10 @@ output (:func:`with_steps`)."""
 OUTPUTS_AT = ("every", "last")
 """Which steps of an applied chunk a run writes outputs for (``--outputs-at``)."""
 
+XLA_MODES = ("auto", "on", "off")
+"""Which buckets a run compiles with XLA (``--xla``): those whose work is large enough
+to pay for the compile, every one, or none (see :func:`transforms.sequencing.uses_xla`)."""
+
 
 def state_schema(state_names: Sequence[str], final: bool = False) -> pa.Schema:
     """Schema of a state snapshot file for a model whose carried state has these parts.

@@ -20,11 +20,12 @@ def test_seqcarry_options_are_pipeline_options_in_either_spelling():
     dashed = PipelineOptions(["--model", "m.keras", "--chunks", "a/*.parquet", "b.parquet",
                               "--state", "s", "--outputs", "o", "--batch-size", "8",
                               "--allow-non-finite", "--tf1-scope", "x=rnn",
-                              "--outputs-at", "last"])
+                              "--outputs-at", "last", "--xla", "off"])
     underscored = PipelineOptions(["--model", "m.keras", "--chunks", "a/*.parquet",
                                    "b.parquet", "--state", "s", "--outputs", "o",
                                    "--batch_size", "8", "--allow_non_finite",
-                                   "--tf1_scope", "x=rnn", "--outputs_at", "last"])
+                                   "--tf1_scope", "x=rnn", "--outputs_at", "last",
+                                   "--xla", "off"])
     config = RunConfig.from_options(dashed)
     assert config == RunConfig.from_options(underscored)
     # Local paths become absolute: an engine's workers run in other directories.
@@ -36,6 +37,7 @@ def test_seqcarry_options_are_pipeline_options_in_either_spelling():
         "gs://b/m.keras"
     assert config.window_steps == 256 and config.max_layers == 8  # defaults kept
     assert config.outputs_at == "last" and RunConfig("m", "c", "s", "o").outputs_at == "auto"
+    assert config.xla == "off" and RunConfig("m", "c", "s", "o").xla == "auto"
 
     # The job's options carry seqcarry's, whatever else Beam is given.
     job = pipeline_options(config, ["--runner=DirectRunner", "--direct_num_workers=2"])

@@ -21,11 +21,12 @@ from tests.conftest import IN_PROCESS, RESUMED, TWO_WORKERS
 from transforms.reference import keras_whole_sequence
 
 
-def run_all(workload, tmp_path, beam_args):
+def run_all(workload, tmp_path, beam_args, xla="auto"):
     model, _, directories, _ = workload
     state, outputs = str(tmp_path / "state"), str(tmp_path / "outputs")
     reports = [run_job(RunConfig(model=model, chunks=directory, state=state, outputs=outputs,
-                                 run_id=f"run-{number + 1}", batch_size=4, window_steps=16),
+                                 run_id=f"run-{number + 1}", batch_size=4, window_steps=16,
+                                 xla=xla),
                        beam_args)
                for number, directory in enumerate(directories)]
     return state, reports
@@ -44,10 +45,11 @@ def test_chunked_runs_equal_the_whole_sequence_model(workload, tmp_path, request
         "--runner=DaskRunner",
         f"--dask_client_address={request.getfixturevalue('dask_cluster')}"]
     # Small buckets run plain, large ones XLA-compiled; the two worker processes compile
-    # every batch (SEQCARRY_XLA=1), so both paths are checked against Keras.
+    # every batch (--xla on, an option that travels to them), so both paths are checked
+    # against Keras.
     everywhere = runner == "two-worker-processes"
-    monkeypatch.setenv("SEQCARRY_XLA", "1" if everywhere else "auto")
-    state, reports = run_all(workload, tmp_path, beam_args)
+    monkeypatch.delenv("SEQCARRY_XLA", raising=False)
+    state, reports = run_all(workload, tmp_path, beam_args, "on" if everywhere else "auto")
     paths = {path for r in reports for path in r["batches_by_path"]}
     assert paths == {"xla"} if everywhere else "plain" in paths, paths
 
@@ -221,7 +223,7 @@ def test_a_model_file_changed_after_planning_fails_the_run_and_commits_nothing(
     report = run_job(dataclasses.replace(config(workload, tmp_path, 1), model=model),
                      IN_PROCESS)
     assert set(report["batches_by_path"]) == {"xla"} and report["batches_by_path"]["xla"] > 0
-    monkeypatch.setenv("SEQCARRY_XLA", "0")
-    report = run_job(dataclasses.replace(config(workload, tmp_path, 2), model=model),
+    # --xla off wins over the worker's SEQCARRY_XLA=1 (SEQCARRY_XLA=0: tests/test_kernel.py).
+    report = run_job(dataclasses.replace(config(workload, tmp_path, 2, xla="off"), model=model),
                      IN_PROCESS)
     assert set(report["batches_by_path"]) == {"plain"}

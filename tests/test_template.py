@@ -74,6 +74,7 @@ def test_the_metadata_regexes_take_what_the_launcher_takes():
                for value in ("true", "false", "True", "FALSE"))
     assert not matches("reset_state", "yes")
     assert matches("outputs_at", "last") and not matches("outputs_at", "lastly")
+    assert matches("xla", "on") and not matches("xla", "yes")
 
 
 def test_a_new_option_appears_in_the_metadata_by_itself(monkeypatch):

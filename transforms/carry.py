@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window
 
 import storage
-from schemas.contract import OUTPUTS_AT, InputError
+from schemas.contract import OUTPUTS_AT, XLA_MODES, InputError
 from schemas.manifest import checked_run_id, new_attempt_id
 from transforms import staging
 from transforms.commit import CommitRun, CommitTarget
@@ -67,6 +67,7 @@ class CarryPlan:
     orphan_grace_hours: float = 24.0
     max_rejected_fraction: float | None = None
     outputs_at: str = "every"  # one of OUTPUTS_AT ("auto" resolved for the model)
+    xla: str = "auto"  # one of XLA_MODES
 
     def commit_target(self) -> CommitTarget:
         return CommitTarget(self.state, self.outputs, self.run_id, self.attempt,
@@ -90,7 +91,7 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
                keep: int | None = None, orphan_grace_hours: float = 24.0,
                max_rejected_fraction: float | None = None,
                model_options: ModelOptions | None = None,
-               outputs_at: str = "auto") -> CarryPlan:
+               outputs_at: str = "auto", xla: str = "auto") -> CarryPlan:
     """Check a run's options and fix its plan from ``CURRENT``, the parent manifest and
     the model (no input is read here). The options are those of ``seqcarry run``."""
     planned_at = time.time()  # the report's seconds count from here
@@ -106,6 +107,8 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
     if outputs_at not in ("auto", *OUTPUTS_AT):
         raise InputError(f"--outputs-at {outputs_at!r}: give one of auto, "
                          f"{', '.join(OUTPUTS_AT)}")
+    if xla not in XLA_MODES:
+        raise InputError(f"--xla {xla!r}: give one of {', '.join(XLA_MODES)}")
     storage.check_retention(keep, orphan_grace_hours)
     store = storage.StateStore(state)  # refuses a --state without atomic swaps
     storage.check_location(state, "--state")
@@ -143,7 +146,7 @@ def plan_carry(model: str, state: str, outputs: str | None = None,
     return CarryPlan(model, model_options, state, outputs, run_id, attempt, pointer, parent,
                      stack, planner, compact, planned_at, batch_size, window_steps,
                      allow_non_finite, keep, orphan_grace_hours, max_rejected_fraction,
-                     outputs_at)
+                     outputs_at, xla)
 
 
 class CarryState(beam.PTransform):
@@ -204,7 +207,7 @@ class CarryState(beam.PTransform):
             {"chunks": chunks, "states": snapshot["states"], "pending": snapshot["pending"]}
             | "ApplyChunks" >> ApplyChunks(plan.model, plan.planner, plan.batch_size,
                                            plan.window_steps, plan.model_options,
-                                           stack.fingerprint, plan.outputs_at))
+                                           stack.fingerprint, plan.outputs_at, plan.xla))
         dead_letters = ((read["dead_letters"], applied["dead_letters"])
                         | "AllDeadLetters" >> beam.Flatten())
         results = {

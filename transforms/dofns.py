@@ -256,12 +256,15 @@ class PlanAndRunBucket(beam.DoFn):
     Plans each sequence of the bucket (:class:`~transforms.sequencing.Planner`), then
     runs the work in batches. The model is loaded once per process through Beam's
     ``Shared``; each bundle opens a session on it. ``outputs_at`` (``every`` or
-    ``last``) says which steps of each chunk get an output.
+    ``last``) says which steps of each chunk get an output; ``xla`` (``auto``, ``on``
+    or ``off``, see :data:`~schemas.contract.XLA_MODES`) which buckets run
+    XLA-compiled.
     """
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
                  window_steps: int, model_options: ModelOptions = ModelOptions(),
-                 model_fingerprint: str | None = None, outputs_at: str = "every"):
+                 model_fingerprint: str | None = None, outputs_at: str = "every",
+                 xla: str = "auto"):
         self._model_path = model_path
         self._model_options = model_options
         self._model_fingerprint = model_fingerprint
@@ -269,6 +272,7 @@ class PlanAndRunBucket(beam.DoFn):
         self._batch_size = batch_size
         self._window_steps = window_steps
         self._last_only = outputs_at == "last"
+        self._xla = {"auto": None, "on": True, "off": False}[xla]  # StepKernel's xla
         self._shared = shared.Shared()
         self._model: LoadedModel | None = None
         self._session = None
@@ -276,9 +280,9 @@ class PlanAndRunBucket(beam.DoFn):
     def setup(self):
         self._model = self._shared.acquire(
             lambda: LoadedModel(self._model_path, self._window_steps, self._model_options,
-                                self._model_fingerprint),
+                                self._model_fingerprint, self._xla),
             tag=f"{self._model_path}:{self._model_options}:{self._window_steps}:"
-                f"{self._model_fingerprint}")
+                f"{self._model_fingerprint}:{self._xla}")
 
     def start_bundle(self):
         self._session = self._model.open_session()
@@ -537,10 +541,11 @@ class ApplyChunks(beam.PTransform):
 
     def __init__(self, model_path: str, planner: Planner, batch_size: int,
                  window_steps: int, model_options: ModelOptions = ModelOptions(),
-                 model_fingerprint: str | None = None, outputs_at: str = "every"):
+                 model_fingerprint: str | None = None, outputs_at: str = "every",
+                 xla: str = "auto"):
         super().__init__()
         self._run = PlanAndRunBucket(model_path, planner, batch_size, window_steps,
-                                     model_options, model_fingerprint, outputs_at)
+                                     model_options, model_fingerprint, outputs_at, xla)
 
     def expand(self, inputs):
         return split(

@@ -53,11 +53,12 @@ class LoadedModel:
     ``expected_fingerprint``: the fingerprint the run was planned with; a model with
     another one (a different file behind the same path since planning) is a
     :class:`~transforms.models.ModelError`, before anything is computed with it.
+    ``xla``: the kernel's (see :class:`~transforms.kernel.StepKernel`).
     """
 
     def __init__(self, model_path: str, window_steps: int,
                  model_options: ModelOptions | None = None,
-                 expected_fingerprint: str | None = None):
+                 expected_fingerprint: str | None = None, xla: bool | None = None):
         started = time.perf_counter()
         self.stack: RecurrentStack = load_model(model_path, model_options)
         if expected_fingerprint is not None and self.stack.fingerprint != expected_fingerprint:
@@ -65,7 +66,7 @@ class LoadedModel:
                 f"{model_path} is model {self.stack.fingerprint} on this worker, but the run "
                 f"was planned with model {expected_fingerprint}: the file changed after "
                 "planning; nothing was committed, run again once it stays put")
-        self.kernel = StepKernel(self.stack, window_steps)
+        self.kernel = StepKernel(self.stack, window_steps, xla=xla)
         self.load_seconds = time.perf_counter() - started
         self._load_reported = threading.Lock()
         self.progress = Progress()
