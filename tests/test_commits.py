@@ -416,7 +416,7 @@ def test_a_run_with_keep_removes_old_orphans_but_not_a_running_attempts_files(
     assert died.returncode == -9, died.stderr[-2000:]
     store = storage.StateStore(state)
     (orphan,) = attempt_folders(os.path.join(state, "snapshots"), "run-2")
-    time.sleep(8)
+    time.sleep(20)
     # Another attempt of run-2, planned now: "running" while the next run prunes, with
     # a file in each of its folders.
     running = plan_run(config(workload, tmp_path, 1))
@@ -426,9 +426,11 @@ def test_a_run_with_keep_removes_old_orphans_but_not_a_running_attempts_files(
     for path in running_files:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "wb").write(b"in progress")
-    # Grace 5 s: the orphan is 8 s old or more, the running attempt at most ~4 s.
+    # Grace 14 s: the orphan is 20 s old or more; the running attempt is as old as the
+    # next run takes (4.3 s on a loaded 2-core machine, 1 s more with attempt ids' whole
+    # seconds: a 5 s grace once pruned it).
     report = run_job(config(workload, tmp_path, 1, run_id="run-2b", keep=1,
-                            orphan_grace_hours=5 / 3600), IN_PROCESS)
+                            orphan_grace_hours=14 / 3600), IN_PROCESS)
     assert report["snapshots_removed"] == ["run-1"]
     assert not os.path.exists(store.snapshot_url("run-2", orphan))
     assert not os.path.exists(store.staging_url("run-2", orphan))
