@@ -398,14 +398,14 @@ def run_continuous(kernel, works: Sequence[SequenceWork], slots: int,
     retried bundle computes exactly the same bits. Small works run plain, large ones
     XLA-compiled (:func:`uses_xla`; all of them with ``kernel.xla_for_small_works``).
     Yields a :class:`BatchResult` each time ``slots`` sequences have finished, and one
-    for the rest. With ``last_only``
-    (``--outputs-at last``), each chunk's output is the one at its last step only.
+    for the rest. With ``last_only`` (``--outputs-at last``), each chunk's output is
+    the one at its last step only.
     """
     stack = kernel.stack
     waiting = collections.deque(sorted(works, key=lambda w: (-w.steps, w.carried.sequence_id)))
-    capacity = batch_capacity([work.steps for work in works], slots, kernel.padded_rows)
-    xla = kernel.xla_for_small_works or uses_xla([work.steps for work in works], capacity,
-                                                 kernel.window_steps)
+    steps = [work.steps for work in works]
+    capacity = batch_capacity(steps, slots, kernel.padded_rows)
+    xla = kernel.xla_for_small_works or uses_xla(steps, capacity, kernel.window_steps)
     rows = min(capacity, len(waiting))
     running: list[_Feed] = []
     states = [np.zeros((0, size), np.float32) for size in stack.state_sizes]
