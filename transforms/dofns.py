@@ -37,6 +37,7 @@ from schemas.validation import (UNREADABLE_FILE, WRONG_SCHEMA, ChunkRows, Reject
 from transforms.sequencing import END_IS_LAST, REJECTED, Planner, RunSizing, stable_bucket
 from transforms import staging
 from transforms.models import ModelOptions
+from transforms.kernel import xla_setting
 from transforms.session import METRICS_NAMESPACE, LoadedModel
 
 LEDGER = "ledger"
@@ -272,17 +273,18 @@ class PlanAndRunBucket(beam.DoFn):
         self._batch_size = batch_size
         self._window_steps = window_steps
         self._last_only = outputs_at == "last"
-        self._xla = {"auto": None, "on": True, "off": False}[xla]  # StepKernel's xla
+        self._xla_mode = xla
         self._shared = shared.Shared()
         self._model: LoadedModel | None = None
         self._session = None
 
     def setup(self):
+        xla = xla_setting(self._xla_mode)  # on the worker: its SEQCARRY_XLA counts
         self._model = self._shared.acquire(
             lambda: LoadedModel(self._model_path, self._window_steps, self._model_options,
-                                self._model_fingerprint, self._xla),
+                                self._model_fingerprint, xla),
             tag=f"{self._model_path}:{self._model_options}:{self._window_steps}:"
-                f"{self._model_fingerprint}:{self._xla}")
+                f"{self._model_fingerprint}:{xla}")
 
     def start_bundle(self):
         self._session = self._model.open_session()

@@ -349,10 +349,11 @@ def _input_stage(layer: EmbeddingLayer | MaskingLayer | None, weights: Sequence[
     return inputs, mask
 
 
-def xla_setting() -> bool | None:
-    """The ``SEQCARRY_XLA`` environment variable: False (off), True (on, for every
-    window) or None (unset or ``auto``: for large works)."""
-    value = os.environ.get(XLA_ENV, "auto").strip().lower()
+def xla_setting(mode: str = "auto") -> bool | None:
+    """``StepKernel``'s ``xla`` for ``--xla`` ``mode``: False (off), True (on, for every
+    window) or None (for large works); for ``auto``, what this process's
+    ``SEQCARRY_XLA`` environment variable says (unset: None)."""
+    value = (os.environ.get(XLA_ENV, "auto") if mode == "auto" else mode).strip().lower()
     if value in ("0", "false", "off", "no"):
         return False
     return True if value in ("1", "true", "on", "yes") else None
